@@ -1,0 +1,193 @@
+//! The one consume loop every stage uses: pulls batches from a durable JetStream consumer,
+//! hands them to the stage's handler, and turns each [`Outcome`] into an ack, a NAK with
+//! delay, or a dead-letter + term.
+//!
+//! Reads a pull consumer; writes acks and `deadletter.{stage}`. Guarantees: handlers never
+//! ack; a rejected message is terminated only after DEADLETTER acknowledged its copy; the loop
+//! survives transient errors (missed heartbeats, reconnects, no responders) and ends only on
+//! cancellation or when its consumer is deleted.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
+use async_nats::jetstream::{AckKind, Message};
+use futures::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{self, Bus, Outgoing};
+use crate::subject;
+
+/// What a handler decided about one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The effect is durable: acknowledge.
+    Ack,
+    /// Try again later: NAK with this delay.
+    Retry { after: Duration },
+    /// Cannot ever be handled: dead-letter with the reason, then terminate.
+    Reject(Rejection),
+}
+
+/// Why a message was rejected: a stable, low-cardinality `code` and a human `detail`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl Outcome {
+    pub fn reject(code: &'static str, detail: impl Into<String>) -> Self {
+        Outcome::Reject(Rejection { code, detail: detail.into() })
+    }
+}
+
+/// A stage's message handler: one outcome per message of the batch, in order.
+pub trait BatchHandler: Send + Sync {
+    fn handle(&self, batch: &[Message]) -> impl Future<Output = Vec<Outcome>> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("consumer {0} was deleted")]
+    ConsumerDeleted(String),
+}
+
+/// How a stage consumes.
+pub struct ConsumeLoop {
+    pub stage: &'static str,
+    pub bus: Bus,
+    pub consumer: PullConsumer,
+    pub max_batch: usize,
+}
+
+impl ConsumeLoop {
+    /// Runs until `token` is cancelled. The batch in hand when that happens is finished and
+    /// settled first.
+    pub async fn run<H: BatchHandler>(self, handler: &H, token: CancellationToken) -> Result<(), ConsumeError> {
+        let stage = self.stage;
+        let mut pause = Duration::from_millis(100);
+        'connect: while !token.is_cancelled() {
+            let messages = self
+                .consumer
+                .stream()
+                .max_messages_per_batch(self.max_batch)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await;
+            let mut messages = match messages {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::warn!(stage, error = %error, "cannot start pulling; retrying");
+                    sleep_or_cancel(pause, &token).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            pause = Duration::from_millis(100);
+            loop {
+                let first = tokio::select! {
+                    _ = token.cancelled() => break 'connect,
+                    next = messages.next() => next,
+                };
+                let mut batch = Vec::new();
+                match first {
+                    None => {
+                        tracing::warn!(stage, "message stream ended; pulling again");
+                        continue 'connect;
+                    }
+                    Some(Err(error)) => {
+                        if error.kind() == MessagesErrorKind::ConsumerDeleted {
+                            return Err(ConsumeError::ConsumerDeleted(stage.to_owned()));
+                        }
+                        tracing::warn!(stage, error = %error, error.kind = ?error.kind(), "pull error");
+                        continue;
+                    }
+                    Some(Ok(message)) => batch.push(message),
+                }
+                // Take whatever else is already here, without waiting: batches grow with load
+                // and a lone event is not held back.
+                while batch.len() < self.max_batch {
+                    match messages.next().now_or_never() {
+                        Some(Some(Ok(message))) => batch.push(message),
+                        _ => break,
+                    }
+                }
+                let outcomes = handler.handle(&batch).await;
+                self.settle(&batch, outcomes).await;
+            }
+        }
+        tracing::info!(stage, "consumer stopped");
+        Ok(())
+    }
+
+    async fn settle(&self, batch: &[Message], outcomes: Vec<Outcome>) {
+        debug_assert_eq!(batch.len(), outcomes.len());
+        for (message, outcome) in batch.iter().zip(outcomes) {
+            let kind = match outcome {
+                Outcome::Ack => AckKind::Ack,
+                Outcome::Retry { after } => AckKind::Nak(Some(after)),
+                Outcome::Reject(rejection) => match dead_letter(&self.bus, self.stage, message, &rejection).await {
+                    Ok(()) => AckKind::Term,
+                    Err(error) => {
+                        tracing::error!(stage = self.stage, error = %error, "cannot dead-letter; will retry");
+                        AckKind::Nak(Some(Duration::from_secs(5)))
+                    }
+                },
+            };
+            // A lost ack only means a redelivery, which every effect tolerates (idempotent).
+            if let Err(error) = message.ack_with(kind).await {
+                tracing::warn!(stage = self.stage, error = %error, "ack failed");
+            }
+        }
+    }
+}
+
+/// Copies a message to `deadletter.{stage}` with the reason in headers and waits for the
+/// PubAck. The copy's `Nats-Msg-Id` is derived from the original's position, so dead-lettering
+/// the same delivery twice stores it once.
+pub async fn dead_letter(
+    bus: &Bus,
+    stage: &str,
+    message: &Message,
+    rejection: &Rejection,
+) -> Result<(), bus::BusError> {
+    let mut headers = HeaderMap::new();
+    if let Some(original) = &message.headers {
+        for (name, values) in original.iter() {
+            for value in values {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+    }
+    let (stream, sequence) = match message.info() {
+        Ok(info) => (info.stream.to_owned(), info.stream_sequence),
+        Err(_) => (String::new(), 0),
+    };
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{stage}.{stream}.{sequence}").as_str());
+    headers.insert(bus::STAGE_HEADER, stage);
+    headers.insert(bus::REASON_CODE_HEADER, rejection.code);
+    headers.insert(bus::REASON_HEADER, header_safe(&rejection.detail).as_str());
+    headers.insert(bus::ORIGINAL_SUBJECT_HEADER, message.subject.as_str());
+    headers.insert(bus::ORIGINAL_SEQUENCE_HEADER, sequence.to_string().as_str());
+    tracing::warn!(stage, subject = %message.subject, stream_seq = sequence, reason = rejection.code,
+        detail = %rejection.detail, "dead-lettered");
+    bus.publish(Outgoing { subject: subject::deadletter_subject(stage), headers, payload: message.payload.clone() })
+        .await
+        .map(|_| ())
+}
+
+/// Header values cannot hold line breaks; keep them short too.
+fn header_safe(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { ' ' } else { c }).take(1024).collect()
+}
+
+async fn sleep_or_cancel(duration: Duration, token: &CancellationToken) {
+    tokio::select! {
+        _ = token.cancelled() => {}
+        _ = tokio::time::sleep(duration) => {}
+    }
+}

@@ -1,0 +1,184 @@
+//! The management endpoints for events: create, batch, get, query and statistics.
+//!
+//! Create and batch publish to EVENTS and answer once PostgreSQL has the events
+//! (read-your-writes), or 202 when that takes longer than the store timeout: the events are
+//! safe in JetStream either way. Reads go straight to PostgreSQL.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::JsonBody;
+use crate::bus::{self, Outgoing};
+use crate::ingest::{self, Defaults, FieldError, Fields};
+use crate::model::{Event, EventCategory, EventSource, EventStatus};
+use crate::store::{self, EventFilter, StoredEvent};
+use crate::subject;
+
+/// An accepted event as create and batch answer it.
+#[derive(Serialize)]
+pub struct EventView<'a> {
+    #[serde(flatten)]
+    event: &'a Event,
+    status: EventStatus,
+}
+
+pub async fn create(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+    let event = ingest::parse_event(&body, &Defaults::http(Utc::now())).map_err(ApiError::Validation)?;
+    let message = state.event_message(&event)?.with_header(bus::NOTIFY_HEADER, state.waiters.subject());
+    let waiting = state.waiters.register(&[event.event_id]);
+    let stored = state.bus.publish(message).await?;
+    let in_database = waiting.wait(&state.pool, state.store_timeout, stored.duplicate).await;
+    Ok(answer(in_database, &EventView { event: &event, status: EventStatus::Pending }))
+}
+
+pub async fn batch(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+    let Value::Array(items) = body else {
+        return Err(ApiError::field("body", "must be a JSON array of events"));
+    };
+    if items.len() > state.max_batch_events {
+        return Err(ApiError::field(
+            "body",
+            format!("holds {} events; the limit is {}", items.len(), state.max_batch_events),
+        ));
+    }
+    let now = Utc::now();
+    let mut events = Vec::with_capacity(items.len());
+    let mut errors = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        match ingest::parse_event(item, &Defaults::http(now)) {
+            Ok(event) => events.push(event),
+            Err(item_errors) => errors.extend(item_errors.into_iter().map(|error| error.nested(&format!("[{index}]")))),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    if events.is_empty() {
+        return Ok(Json(Vec::<Value>::new()).into_response());
+    }
+    let mut messages = Vec::with_capacity(events.len());
+    for (index, event) in events.iter().enumerate() {
+        let message = state.event_message(event).map_err(|error| match error {
+            ApiError::Validation(errors) => {
+                ApiError::Validation(errors.into_iter().map(|error| error.nested(&format!("[{index}]"))).collect())
+            }
+            other => other,
+        })?;
+        messages.push(message.with_header(bus::NOTIFY_HEADER, state.waiters.subject()));
+    }
+    let ids: Vec<Uuid> = events.iter().map(|event| event.event_id).collect();
+    let waiting = state.waiters.register(&ids);
+    state.bus.publish_atomic(messages).await?;
+    let in_database = waiting.wait(&state.pool, state.store_timeout, false).await;
+    let views: Vec<EventView> = events.iter().map(|event| EventView { event, status: EventStatus::Pending }).collect();
+    Ok(answer(in_database, &views))
+}
+
+fn answer(in_database: bool, body: &impl Serialize) -> Response {
+    let status = if in_database { StatusCode::OK } else { StatusCode::ACCEPTED };
+    (status, Json(body)).into_response()
+}
+
+impl AppState {
+    /// The EVENTS message of an event, refused when it is larger than an event may be.
+    pub(super) fn event_message(&self, event: &Event) -> Result<Outgoing, ApiError> {
+        let payload = serde_json::to_vec(event).map_err(|error| ApiError::BadRequest(error.to_string()))?;
+        if payload.len() > self.max_event_bytes {
+            return Err(ApiError::Validation(vec![FieldError::new(
+                "",
+                format!("the event is {} bytes once encoded; the limit is {}", payload.len(), self.max_event_bytes),
+            )]));
+        }
+        let subject =
+            subject::event_subject(event.event_source.as_str(), event.event_category.as_str(), &event.event_type);
+        Ok(Outgoing::event(subject, event.event_id, Bytes::from(payload)))
+    }
+}
+
+pub async fn get_event(
+    State(state): State<AppState>,
+    Path(event_id): Path<String>,
+) -> Result<Json<StoredEvent>, ApiError> {
+    let event_id = Uuid::parse_str(&event_id).map_err(|_| ApiError::NotFound("Event"))?;
+    store::get_event(&state.pool, event_id).await?.map(Json).ok_or(ApiError::NotFound("Event"))
+}
+
+#[derive(Serialize)]
+pub struct QueryAnswer {
+    events: Vec<StoredEvent>,
+    total: i64,
+    limit: i64,
+    offset: i64,
+    has_more: bool,
+}
+
+pub async fn query(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<QueryAnswer>, ApiError> {
+    let filter = parse_filter(&body).map_err(ApiError::Validation)?;
+    let (events, total) = store::query_events(&state.pool, &filter).await?;
+    let has_more = filter.offset + (events.len() as i64) < total;
+    Ok(Json(QueryAnswer { events, total, limit: filter.limit, offset: filter.offset, has_more }))
+}
+
+/// Validates the body of `POST /api/v1/events/query`.
+pub fn parse_filter(body: &Value) -> Result<EventFilter, Vec<FieldError>> {
+    let Some(map) = body.as_object() else {
+        return Err(vec![FieldError::new("body", "must be a JSON object")]);
+    };
+    let mut errors = Vec::new();
+    let mut fields = Fields { body: map, errors: &mut errors };
+    let mut filter = EventFilter {
+        user_id: fields.string("user_id", ingest::MAX_ID_CHARS),
+        event_type: fields.string("event_type", ingest::MAX_EVENT_TYPE_CHARS),
+        event_source: fields.enumerated("event_source", EventSource::parse, EventSource::expected),
+        event_category: fields.enumerated("event_category", EventCategory::parse, EventCategory::expected),
+        status: fields.enumerated("status", EventStatus::parse, EventStatus::expected),
+        start_time: fields.timestamp("start_time"),
+        end_time: fields.timestamp("end_time"),
+        data: None,
+        limit: 100,
+        offset: 0,
+    };
+    match fields.get("data") {
+        None => {}
+        Some(Value::Object(data)) => filter.data = Some(Value::Object(data.clone())),
+        Some(_) => fields.fail("data", "must be a JSON object (matched by containment)"),
+    }
+    match fields.get("limit").map(Value::as_i64) {
+        None => {}
+        Some(Some(limit)) if (1..=1000).contains(&limit) => filter.limit = limit,
+        Some(_) => fields.fail("limit", "must be an integer from 1 to 1000"),
+    }
+    match fields.get("offset").map(Value::as_i64) {
+        None => {}
+        Some(Some(offset)) if offset >= 0 => filter.offset = offset,
+        Some(_) => fields.fail("offset", "must be an integer ≥ 0"),
+    }
+    if let (Some(start), Some(end)) = (filter.start_time, filter.end_time) {
+        if end < start {
+            fields.fail("end_time", "must not be before start_time");
+        }
+    }
+    if errors.is_empty() { Ok(filter) } else { Err(errors) }
+}
+
+#[derive(Deserialize)]
+pub struct StatisticsParams {
+    user_id: Option<String>,
+}
+
+pub async fn statistics(
+    State(state): State<AppState>,
+    Query(params): Query<StatisticsParams>,
+) -> Result<Json<store::Statistics>, ApiError> {
+    let user_id = params.user_id.filter(|user| !user.is_empty());
+    Ok(Json(store::statistics(&state.pool, user_id.as_deref(), Utc::now()).await?))
+}

@@ -1,0 +1,117 @@
+//! The HTTP gateway: ingest endpoints that publish to EVENTS, and the query side that reads
+//! PostgreSQL. One `router()` assembles the routes; management routes sit behind the API-key
+//! check, `/health`, the frontend endpoints and the RudderStack webhook are public.
+//!
+//! Reads HTTP, PostgreSQL and this gateway's stored-notification subject; writes `events.>`.
+
+mod auth;
+mod error;
+mod events;
+mod extract;
+mod frontend;
+mod health;
+mod rudderstack;
+mod waiters;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use auth::ApiKeys;
+pub use error::ApiError;
+pub use frontend::MAX_FRONTEND_BATCH;
+pub use rudderstack::signature_matches;
+
+use crate::bus::{Bus, BusError};
+use crate::settings::GatewayArgs;
+use waiters::StoredWaiters;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    bus: Bus,
+    pool: PgPool,
+    waiters: Arc<StoredWaiters>,
+    api_keys: ApiKeys,
+    rudderstack_secret: Option<String>,
+    store_timeout: Duration,
+    max_batch_events: usize,
+    max_event_bytes: usize,
+    started: Instant,
+}
+
+/// A built gateway, ready to serve.
+pub struct Gateway {
+    state: AppState,
+    settings: GatewayArgs,
+}
+
+impl Gateway {
+    pub async fn build(
+        bus: Bus,
+        pool: PgPool,
+        settings: &GatewayArgs,
+        token: CancellationToken,
+    ) -> Result<Self, BusError> {
+        let waiters = StoredWaiters::start(&bus, token).await?;
+        let api_keys = ApiKeys::new(&settings.api_keys);
+        if !api_keys.enabled() {
+            tracing::warn!("EVENT_API_KEYS is not set: the management endpoints accept anyone");
+        }
+        // An event must fit in one NATS message with room for the headers.
+        let max_payload = bus.client().server_info().max_payload;
+        let max_event_bytes = max_payload.saturating_sub(4096).min(settings.max_body_bytes).max(1024);
+        let state = AppState {
+            bus,
+            pool,
+            waiters,
+            api_keys,
+            rudderstack_secret: settings.rudderstack_secret.clone().filter(|secret| !secret.is_empty()),
+            store_timeout: settings.store_timeout(),
+            max_batch_events: usize::from(settings.max_batch_events),
+            max_event_bytes,
+            started: Instant::now(),
+        };
+        Ok(Self { state, settings: settings.clone() })
+    }
+
+    /// Serves on `listener` until `token` is cancelled, then drains open requests.
+    pub async fn run(self, listener: TcpListener, token: CancellationToken) -> std::io::Result<()> {
+        let app = router(self.state, &self.settings);
+        tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await
+    }
+}
+
+pub fn router(state: AppState, settings: &GatewayArgs) -> Router {
+    let single = DefaultBodyLimit::max(settings.max_body_bytes);
+    let batch = DefaultBodyLimit::max(settings.max_batch_body_bytes);
+    let management = Router::new()
+        .route("/api/v1/events/create", post(events::create).layer(single))
+        .route("/api/v1/events/batch", post(events::batch).layer(batch))
+        .route("/api/v1/events/query", post(events::query).layer(single))
+        .route("/api/v1/events/statistics", get(events::statistics))
+        .route("/api/v1/events/{event_id}", get(events::get_event))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+    let public = Router::new()
+        .route("/health", get(health::health))
+        .route("/api/v1/events/frontend", post(frontend::collect).layer(single))
+        .route("/api/v1/events/frontend/batch", post(frontend::collect_batch).layer(batch))
+        .route("/api/v1/events/frontend/health", get(frontend::health))
+        .route("/webhooks/rudderstack", post(rudderstack::webhook).layer(batch));
+    management
+        .merge(public)
+        .fallback(|| async { ApiError::NotFound("Endpoint") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}

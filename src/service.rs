@@ -1,0 +1,65 @@
+//! Runs stages together: the all-in-one `event-service` process, the tests, and the
+//! set-up step (topology and migrations) that every binary performs at start.
+//!
+//! Guarantees: when one stage fails the others are cancelled, and the process stops only
+//! after every stage has finished its in-flight work.
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Bus;
+use crate::db;
+use crate::gateway::Gateway;
+use crate::persister::Persister;
+use crate::settings::{DatabaseArgs, GatewayArgs, NatsArgs, PersisterArgs};
+
+/// Connects to NATS and PostgreSQL and brings the topology and schema up to date.
+pub async fn connect_and_set_up(
+    nats_url: &str,
+    nats: &NatsArgs,
+    database_url: &str,
+    database: &DatabaseArgs,
+    client_name: &str,
+) -> anyhow::Result<(Bus, PgPool)> {
+    let bus = Bus::connect(nats_url, client_name).await?;
+    bus.apply_topology(nats).await?;
+    let pool = db::connect(database_url, database).await?;
+    db::migrate(&pool).await?;
+    Ok((bus, pool))
+}
+
+/// The gateway and the persister in one process, until `token` is cancelled or one fails.
+pub async fn run_all(
+    bus: Bus,
+    pool: PgPool,
+    listener: TcpListener,
+    gateway: &GatewayArgs,
+    persister: &PersisterArgs,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let gateway = Gateway::build(bus.clone(), pool.clone(), gateway, token.clone()).await?;
+    let persister = Persister::build(bus.clone(), pool.clone(), persister).await?;
+    let http = {
+        let token = token.clone();
+        async move {
+            let result = gateway.run(listener, token.clone()).await.map_err(anyhow::Error::from);
+            token.cancel();
+            result
+        }
+    };
+    let store = {
+        let token = token.clone();
+        async move {
+            let result = persister.run(token.clone()).await;
+            token.cancel();
+            result
+        }
+    };
+    let (http, store) = tokio::join!(http, store);
+    // The NATS client flushes last, so every ack and publish above leaves the process.
+    if let Err(error) = bus.client().flush().await {
+        tracing::warn!(error = %error, "nats flush failed at shutdown");
+    }
+    http.and(store)
+}

@@ -1,0 +1,90 @@
+//! Command-line settings shared by the binaries. Every flag is also an environment variable,
+//! so the same binary runs from a shell, a container or a test.
+//!
+//! Reads the process arguments and environment (through clap), writes nothing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+/// How to reach NATS and how to shape the JetStream topology.
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// NATS server URL. `event-service` starts a private nats-server when it is unset.
+    #[arg(long = "nats-url", env = "NATS_URL")]
+    pub url: Option<String>,
+    /// Replicas of every stream: 1 on a laptop, 3 on a cluster.
+    #[arg(long = "stream-replicas", env = "EVENT_STREAM_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+    /// How long EVENTS keeps messages, in seconds (default 7 days).
+    #[arg(long = "events-max-age-secs", env = "EVENT_EVENTS_MAX_AGE_SECS", default_value_t = 7 * 24 * 3600)]
+    pub events_max_age_secs: u64,
+}
+
+/// How to reach PostgreSQL.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL. `event-service` starts a private PostgreSQL when it is unset.
+    #[arg(long = "database-url", env = "DATABASE_URL")]
+    pub url: Option<String>,
+    /// Largest number of pooled connections.
+    #[arg(long = "db-max-connections", env = "EVENT_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub max_connections: u32,
+}
+
+/// The HTTP gateway.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Address the HTTP server listens on.
+    #[arg(long = "http-addr", env = "EVENT_HTTP_ADDR", default_value = "0.0.0.0:8230")]
+    pub http_addr: SocketAddr,
+    /// Comma-separated API keys for the management endpoints; none means no authentication.
+    #[arg(long = "api-keys", env = "EVENT_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// Shared secret for `POST /webhooks/rudderstack` (`X-Signature`); none means unsigned.
+    #[arg(long = "rudderstack-secret", env = "EVENT_RUDDERSTACK_SECRET", hide_env_values = true)]
+    pub rudderstack_secret: Option<String>,
+    /// Most events in one `POST /api/v1/events/batch` (JetStream allows at most 1000 per
+    /// atomic batch).
+    #[arg(long = "max-batch-events", env = "EVENT_MAX_BATCH_EVENTS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_batch_events: u16,
+    /// Largest request body of single-event endpoints, in bytes.
+    #[arg(long = "max-body-bytes", env = "EVENT_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest request body of batch endpoints and the RudderStack webhook, in bytes.
+    #[arg(long = "max-batch-body-bytes", env = "EVENT_MAX_BATCH_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_batch_body_bytes: usize,
+    /// How long create and batch wait for PostgreSQL before answering 202, in milliseconds.
+    #[arg(long = "store-timeout-ms", env = "EVENT_STORE_TIMEOUT_MS", default_value_t = 5000)]
+    pub store_timeout_ms: u64,
+}
+
+impl GatewayArgs {
+    pub fn store_timeout(&self) -> Duration {
+        Duration::from_millis(self.store_timeout_ms)
+    }
+}
+
+/// The persister stage.
+#[derive(Debug, Clone, Args)]
+pub struct PersisterArgs {
+    /// Most events written in one PostgreSQL statement.
+    #[arg(long = "persister-batch", env = "EVENT_PERSISTER_BATCH", default_value_t = 1000)]
+    pub batch_size: usize,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// `json`, `pretty`, or `auto` (pretty in a terminal, JSON otherwise). Levels come from
+    /// `RUST_LOG` (default `info`).
+    #[arg(long = "log-format", env = "EVENT_LOG_FORMAT", default_value = "auto")]
+    pub format: String,
+}
+
+/// Returns the value of a setting that this binary cannot run without.
+pub fn required<'a>(value: &'a Option<String>, name: &str) -> anyhow::Result<&'a str> {
+    value.as_deref().ok_or_else(|| anyhow::anyhow!("{name} is required (flag or environment variable)"))
+}

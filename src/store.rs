@@ -1,0 +1,559 @@
+//! The event store in PostgreSQL: batch insert with stream versions and statistics rollups,
+//! lookup by id, filtered queries and statistics.
+//!
+//! Reads and writes `event.events`, `event.event_streams` and the `event.rollup_*` tables.
+//! Guarantees: [`insert_batch`] is idempotent by event id (a redelivered event changes
+//! nothing), assigns gapless stream versions in batch order, and updates every rollup in the
+//! same transaction as the rows it counts.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use crate::model::{Event, EventCategory, EventSource, EventStatus};
+
+/// An event with where JetStream put it.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub event: Event,
+    pub stream_seq: u64,
+    pub subject: String,
+}
+
+/// What [`insert_batch`] did.
+#[derive(Debug, Default)]
+pub struct Inserted {
+    /// Events written by this call (the others were already stored).
+    pub new_ids: HashSet<Uuid>,
+}
+
+/// Stores a batch in one transaction. Events already stored are skipped. Versions of each
+/// entity stream follow the batch order, which is the JetStream order.
+pub async fn insert_batch(pool: &PgPool, batch: &[Incoming]) -> Result<Inserted, sqlx::Error> {
+    // Another writer can slip the same event in between our check and our insert; then the
+    // insert count disagrees, we roll back and look again.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match try_insert_batch(pool, batch).await? {
+            Some(inserted) => return Ok(inserted),
+            None if attempts < 5 => continue,
+            None => return Err(sqlx::Error::Protocol("concurrent writers kept conflicting on the same events".into())),
+        }
+    }
+}
+
+async fn try_insert_batch(pool: &PgPool, batch: &[Incoming]) -> Result<Option<Inserted>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<Uuid> = batch.iter().map(|incoming| incoming.event.event_id).collect();
+    let existing: HashSet<Uuid> =
+        sqlx::query_scalar::<_, Uuid>("SELECT event_id FROM event.events WHERE event_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+    let mut seen = HashSet::new();
+    let fresh: Vec<&Incoming> = batch
+        .iter()
+        .filter(|incoming| !existing.contains(&incoming.event.event_id) && seen.insert(incoming.event.event_id))
+        .collect();
+    if fresh.is_empty() {
+        tx.commit().await?;
+        return Ok(Some(Inserted::default()));
+    }
+
+    let versions = assign_stream_versions(&mut tx, &fresh).await?;
+    let rows = insert_events(&mut tx, &fresh, &versions).await?;
+    if rows != fresh.len() as u64 {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    update_rollups(&mut tx, &fresh).await?;
+    tx.commit().await?;
+    Ok(Some(Inserted { new_ids: seen }))
+}
+
+/// Bumps each touched stream's version by its number of new events and returns the version
+/// of every fresh event (None for events outside any stream), in order.
+async fn assign_stream_versions(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    fresh: &[&Incoming],
+) -> Result<Vec<Option<i64>>, sqlx::Error> {
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    for incoming in fresh {
+        if let Some(stream_id) = &incoming.event.stream_id {
+            *counts.entry(stream_id.as_str()).or_default() += 1;
+        }
+    }
+    if counts.is_empty() {
+        return Ok(vec![None; fresh.len()]);
+    }
+    let (mut stream_ids, mut entity_types, mut entity_ids, mut added) = (vec![], vec![], vec![], vec![]);
+    for (stream_id, count) in &counts {
+        let (entity_type, entity_id) = stream_id.split_once(':').unwrap_or((stream_id, ""));
+        stream_ids.push(*stream_id);
+        entity_types.push(entity_type);
+        entity_ids.push(entity_id);
+        added.push(*count);
+    }
+    // Sorted stream ids keep row locks in one order across concurrent writers.
+    let finals: Vec<(String, i64)> = sqlx::query_as(
+        "INSERT INTO event.event_streams AS s (stream_id, stream_type, entity_type, entity_id, version)
+         SELECT t.stream_id, t.entity_type, t.entity_type, t.entity_id, t.added
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) AS t(stream_id, entity_type, entity_id, added)
+         ORDER BY t.stream_id
+         ON CONFLICT (stream_id) DO UPDATE SET version = s.version + EXCLUDED.version, updated_at = now()
+         RETURNING stream_id, version",
+    )
+    .bind(&stream_ids)
+    .bind(&entity_types)
+    .bind(&entity_ids)
+    .bind(&added)
+    .fetch_all(&mut **tx)
+    .await?;
+    // next[stream] = the version the stream's next fresh event gets.
+    let mut next: BTreeMap<String, i64> = finals
+        .into_iter()
+        .map(|(stream_id, final_version)| {
+            let count = counts.get(stream_id.as_str()).copied().unwrap_or(0);
+            (stream_id, final_version - count + 1)
+        })
+        .collect();
+    Ok(fresh
+        .iter()
+        .map(|incoming| {
+            let stream_id = incoming.event.stream_id.as_ref()?;
+            let version = next.get_mut(stream_id)?;
+            *version += 1;
+            Some(*version - 1)
+        })
+        .collect())
+}
+
+async fn insert_events(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    fresh: &[&Incoming],
+    versions: &[Option<i64>],
+) -> Result<u64, sqlx::Error> {
+    let n = fresh.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut types = Vec::with_capacity(n);
+    let mut sources = Vec::with_capacity(n);
+    let mut categories = Vec::with_capacity(n);
+    let mut users = Vec::with_capacity(n);
+    let mut sessions = Vec::with_capacity(n);
+    let mut organizations = Vec::with_capacity(n);
+    let mut devices = Vec::with_capacity(n);
+    let mut correlations = Vec::with_capacity(n);
+    let mut data = Vec::with_capacity(n);
+    let mut metadata = Vec::with_capacity(n);
+    let mut context = Vec::with_capacity(n);
+    let mut properties = Vec::with_capacity(n);
+    let mut stream_ids = Vec::with_capacity(n);
+    let mut seqs = Vec::with_capacity(n);
+    let mut subjects = Vec::with_capacity(n);
+    let mut timestamps = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
+    for incoming in fresh {
+        let event = &incoming.event;
+        ids.push(event.event_id);
+        types.push(event.event_type.as_str());
+        sources.push(event.event_source.as_str());
+        categories.push(event.event_category.as_str());
+        users.push(event.user_id.as_deref());
+        sessions.push(event.session_id.as_deref());
+        organizations.push(event.organization_id.as_deref());
+        devices.push(event.device_id.as_deref());
+        correlations.push(event.correlation_id.as_deref());
+        data.push(Value::Object(event.data.clone()));
+        metadata.push(Value::Object(event.metadata.clone()));
+        context.push(Value::Object(event.context.clone()));
+        properties.push(Value::Object(event.properties.clone()));
+        stream_ids.push(event.stream_id.as_deref());
+        seqs.push(incoming.stream_seq as i64);
+        subjects.push(incoming.subject.as_str());
+        timestamps.push(event.timestamp);
+        created.push(event.created_at);
+    }
+    let result = sqlx::query(
+        "INSERT INTO event.events (event_id, event_type, event_source, event_category, user_id, session_id,
+             organization_id, device_id, correlation_id, data, metadata, context, properties, stream_id,
+             stream_version, stream_seq, subject, \"timestamp\", created_at)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+             $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[], $12::jsonb[], $13::jsonb[],
+             $14::text[], $15::bigint[], $16::bigint[], $17::text[], $18::timestamptz[], $19::timestamptz[])
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&types)
+    .bind(&sources)
+    .bind(&categories)
+    .bind(&users)
+    .bind(&sessions)
+    .bind(&organizations)
+    .bind(&devices)
+    .bind(&correlations)
+    .bind(&data)
+    .bind(&metadata)
+    .bind(&context)
+    .bind(&properties)
+    .bind(&stream_ids)
+    .bind(versions)
+    .bind(&seqs)
+    .bind(&subjects)
+    .bind(&timestamps)
+    .bind(&created)
+    .execute(&mut **tx)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Adds the fresh events to every rollup, in one statement.
+async fn update_rollups(tx: &mut sqlx::Transaction<'_, Postgres>, fresh: &[&Incoming]) -> Result<(), sqlx::Error> {
+    type DayKey<'a> = (NaiveDate, &'a str, &'a str, &'a str);
+    let mut daily: BTreeMap<DayKey, i64> = BTreeMap::new();
+    let mut user_daily: BTreeMap<(&str, DayKey), i64> = BTreeMap::new();
+    let mut users: BTreeMap<&str, i64> = BTreeMap::new();
+    for incoming in fresh {
+        let event = &incoming.event;
+        let key = (
+            event.timestamp.date_naive(),
+            event.event_source.as_str(),
+            event.event_category.as_str(),
+            event.event_type.as_str(),
+        );
+        *daily.entry(key).or_default() += 1;
+        if let Some(user) = event.user_id.as_deref() {
+            *user_daily.entry((user, key)).or_default() += 1;
+            *users.entry(user).or_default() += 1;
+        }
+    }
+    let (d_days, d_sources, d_categories, d_types, d_counts) = unzip_days(daily.iter().map(|(k, v)| (*k, *v)));
+    let mut u_users = Vec::with_capacity(user_daily.len());
+    let (u_days, u_sources, u_categories, u_types, u_counts) = unzip_days(user_daily.iter().map(|((user, k), v)| {
+        u_users.push(*user);
+        (*k, *v)
+    }));
+    let (t_users, t_counts): (Vec<&str>, Vec<i64>) = users.iter().map(|(user, count)| (*user, *count)).unzip();
+    sqlx::query(
+        "WITH daily AS (
+             INSERT INTO event.rollup_daily AS r (day, event_source, event_category, event_type, events)
+             SELECT * FROM UNNEST($1::date[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+             ON CONFLICT (day, event_source, event_category, event_type) DO UPDATE SET events = r.events + EXCLUDED.events
+         ), user_daily AS (
+             INSERT INTO event.rollup_user_daily AS r (user_id, day, event_source, event_category, event_type, events)
+             SELECT * FROM UNNEST($6::text[], $7::date[], $8::text[], $9::text[], $10::text[], $11::bigint[])
+             ON CONFLICT (user_id, day, event_source, event_category, event_type) DO UPDATE SET events = r.events + EXCLUDED.events
+         ), user_status AS (
+             INSERT INTO event.rollup_user_status AS r (user_id, status, events)
+             SELECT u, 'pending', n FROM UNNEST($12::text[], $13::bigint[]) AS t(u, n)
+             ON CONFLICT (user_id, status) DO UPDATE SET events = r.events + EXCLUDED.events
+         ), users AS (
+             INSERT INTO event.rollup_users AS r (user_id, events)
+             SELECT * FROM UNNEST($12::text[], $13::bigint[])
+             ON CONFLICT (user_id) DO UPDATE SET events = r.events + EXCLUDED.events
+         )
+         INSERT INTO event.rollup_status AS r (status, events) VALUES ('pending', $14)
+         ON CONFLICT (status) DO UPDATE SET events = r.events + EXCLUDED.events",
+    )
+    .bind(&d_days)
+    .bind(&d_sources)
+    .bind(&d_categories)
+    .bind(&d_types)
+    .bind(&d_counts)
+    .bind(&u_users)
+    .bind(&u_days)
+    .bind(&u_sources)
+    .bind(&u_categories)
+    .bind(&u_types)
+    .bind(&u_counts)
+    .bind(&t_users)
+    .bind(&t_counts)
+    .bind(fresh.len() as i64)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+type DayColumns<'a> = (Vec<NaiveDate>, Vec<&'a str>, Vec<&'a str>, Vec<&'a str>, Vec<i64>);
+
+fn unzip_days<'a>(rows: impl Iterator<Item = ((NaiveDate, &'a str, &'a str, &'a str), i64)>) -> DayColumns<'a> {
+    let mut columns: DayColumns<'a> = Default::default();
+    for ((day, source, category, event_type), count) in rows {
+        columns.0.push(day);
+        columns.1.push(source);
+        columns.2.push(category);
+        columns.3.push(event_type);
+        columns.4.push(count);
+    }
+    columns
+}
+
+/// A stored event, every column, as the API shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct StoredEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub event_source: String,
+    pub event_category: String,
+    pub user_id: Option<String>,
+    pub session_id: Option<String>,
+    pub organization_id: Option<String>,
+    pub device_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub data: Value,
+    pub metadata: Value,
+    pub context: Value,
+    pub properties: Value,
+    pub status: String,
+    pub processors: Vec<String>,
+    pub retry_count: i32,
+    pub error_message: Option<String>,
+    pub processed_at: Option<DateTime<Utc>>,
+    pub stream_id: Option<String>,
+    pub stream_version: Option<i64>,
+    pub stream_seq: i64,
+    pub subject: String,
+    pub timestamp: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub stored_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const EVENT_COLUMNS: &str = "event_id, event_type, event_source, event_category, user_id, session_id, \
+    organization_id, device_id, correlation_id, data, metadata, context, properties, status, processors, \
+    retry_count, error_message, processed_at, stream_id, stream_version, stream_seq, subject, \"timestamp\", \
+    created_at, stored_at, updated_at";
+
+pub async fn get_event(pool: &PgPool, event_id: Uuid) -> Result<Option<StoredEvent>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {EVENT_COLUMNS} FROM event.events WHERE event_id = $1")))
+        .bind(event_id)
+        .fetch_optional(pool)
+        .await
+}
+
+pub async fn event_exists(pool: &PgPool, event_id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM event.events WHERE event_id = $1)")
+        .bind(event_id)
+        .fetch_one(pool)
+        .await
+}
+
+/// The ids among `ids` that are stored.
+pub async fn stored_ids(pool: &PgPool, ids: &[Uuid]) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let found: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM event.events WHERE event_id = ANY($1)")
+        .bind(ids)
+        .fetch_all(pool)
+        .await?;
+    Ok(found.into_iter().collect())
+}
+
+/// Filters of `POST /api/v1/events/query`, already validated.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub user_id: Option<String>,
+    pub event_type: Option<String>,
+    pub event_source: Option<EventSource>,
+    pub event_category: Option<EventCategory>,
+    pub status: Option<EventStatus>,
+    pub start_time: Option<DateTime<Utc>>,
+    pub end_time: Option<DateTime<Utc>>,
+    pub data: Option<Value>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+impl EventFilter {
+    fn push_where(&self, sql: &mut QueryBuilder<Postgres>) {
+        sql.push(" WHERE TRUE");
+        if let Some(user_id) = &self.user_id {
+            sql.push(" AND user_id = ").push_bind(user_id.clone());
+        }
+        if let Some(event_type) = &self.event_type {
+            sql.push(" AND event_type = ").push_bind(event_type.clone());
+        }
+        if let Some(source) = self.event_source {
+            sql.push(" AND event_source = ").push_bind(source.as_str());
+        }
+        if let Some(category) = self.event_category {
+            sql.push(" AND event_category = ").push_bind(category.as_str());
+        }
+        if let Some(status) = self.status {
+            sql.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(start) = self.start_time {
+            sql.push(" AND \"timestamp\" >= ").push_bind(start);
+        }
+        if let Some(end) = self.end_time {
+            sql.push(" AND \"timestamp\" <= ").push_bind(end);
+        }
+        if let Some(data) = &self.data {
+            sql.push(" AND data @> ").push_bind(data.clone()).push("::jsonb");
+        }
+    }
+}
+
+/// Matching events, newest first, and how many match in all.
+pub async fn query_events(pool: &PgPool, filter: &EventFilter) -> Result<(Vec<StoredEvent>, i64), sqlx::Error> {
+    let mut select = QueryBuilder::new(format!("SELECT {EVENT_COLUMNS} FROM event.events"));
+    filter.push_where(&mut select);
+    select
+        .push(" ORDER BY \"timestamp\" DESC, event_id DESC LIMIT ")
+        .push_bind(filter.limit)
+        .push(" OFFSET ")
+        .push_bind(filter.offset);
+    let events: Vec<StoredEvent> = select.build_query_as().fetch_all(pool).await?;
+    let total = if filter.offset == 0 && (events.len() as i64) < filter.limit {
+        events.len() as i64
+    } else {
+        let mut count = QueryBuilder::new("SELECT count(*) FROM event.events");
+        filter.push_where(&mut count);
+        count.build_query_scalar().fetch_one(pool).await?
+    };
+    Ok((events, total))
+}
+
+/// The spec's EventStatistics.
+#[derive(Debug, Clone, Serialize)]
+pub struct Statistics {
+    pub total_events: i64,
+    pub pending_events: i64,
+    pub processing_events: i64,
+    pub processed_events: i64,
+    pub failed_events: i64,
+    pub events_by_source: BTreeMap<String, i64>,
+    pub events_by_category: BTreeMap<String, i64>,
+    pub events_by_type: BTreeMap<String, i64>,
+    pub events_today: i64,
+    pub events_this_week: i64,
+    pub events_this_month: i64,
+    /// Milliseconds.
+    pub average_processing_time: f64,
+    /// Percent of all events that are processed.
+    pub processing_rate: f64,
+    /// Percent of all events that failed.
+    pub error_rate: f64,
+    pub top_users: Vec<UserCount>,
+    pub top_event_types: Vec<TypeCount>,
+    pub calculated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UserCount {
+    pub user_id: String,
+    pub event_count: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TypeCount {
+    pub event_type: String,
+    pub event_count: i64,
+}
+
+const TOP: usize = 10;
+
+/// Statistics from the rollups only (never a scan of `event.events`); for one user when
+/// `user_id` is given.
+pub async fn statistics(pool: &PgPool, user_id: Option<&str>, now: DateTime<Utc>) -> Result<Statistics, sqlx::Error> {
+    let today = now.date_naive();
+    let week_start = today - Duration::days(i64::from(today.weekday().num_days_from_monday()));
+    let month_start = today.with_day(1).unwrap_or(today);
+    let user = user_id.unwrap_or("");
+
+    let statuses: Vec<(String, i64)> = if user_id.is_some() {
+        sqlx::query_as("SELECT status, events FROM event.rollup_user_status WHERE user_id = $1")
+            .bind(user)
+            .fetch_all(pool)
+            .await?
+    } else {
+        sqlx::query_as("SELECT status, events FROM event.rollup_status").fetch_all(pool).await?
+    };
+    let table = if user_id.is_some() { "event.rollup_user_daily" } else { "event.rollup_daily" };
+    let filter = if user_id.is_some() { "WHERE user_id = $4" } else { "WHERE $4::text IS NOT NULL" };
+    let groups: Vec<(String, String, String, i64, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT event_source, event_category, event_type, sum(events)::bigint,
+                COALESCE(sum(events) FILTER (WHERE day >= $1), 0)::bigint,
+                COALESCE(sum(events) FILTER (WHERE day >= $2), 0)::bigint,
+                COALESCE(sum(events) FILTER (WHERE day >= $3), 0)::bigint
+         FROM {table} {filter} GROUP BY 1, 2, 3"
+    )))
+    .bind(today)
+    .bind(week_start)
+    .bind(month_start)
+    .bind(user)
+    .fetch_all(pool)
+    .await?;
+    let top_users: Vec<(String, i64)> = if user_id.is_some() {
+        sqlx::query_as("SELECT user_id, events FROM event.rollup_users WHERE user_id = $1")
+            .bind(user)
+            .fetch_all(pool)
+            .await?
+    } else {
+        sqlx::query_as("SELECT user_id, events FROM event.rollup_users ORDER BY events DESC, user_id LIMIT $1")
+            .bind(TOP as i64)
+            .fetch_all(pool)
+            .await?
+    };
+    let processing: Option<(i64, f64)> =
+        sqlx::query_as("SELECT processed, total_ms FROM event.rollup_processing WHERE user_id = $1")
+            .bind(user)
+            .fetch_optional(pool)
+            .await?;
+
+    let count = |status: EventStatus| {
+        statuses.iter().find(|(name, _)| name == status.as_str()).map_or(0, |(_, events)| *events)
+    };
+    let total_events: i64 = statuses.iter().map(|(_, events)| events).sum();
+    let mut stats = Statistics {
+        total_events,
+        pending_events: count(EventStatus::Pending),
+        processing_events: count(EventStatus::Processing),
+        processed_events: count(EventStatus::Processed),
+        failed_events: count(EventStatus::Failed),
+        events_by_source: BTreeMap::new(),
+        events_by_category: BTreeMap::new(),
+        events_by_type: BTreeMap::new(),
+        events_today: 0,
+        events_this_week: 0,
+        events_this_month: 0,
+        average_processing_time: match processing {
+            Some((processed, total_ms)) if processed > 0 => total_ms / processed as f64,
+            _ => 0.0,
+        },
+        processing_rate: 0.0,
+        error_rate: 0.0,
+        top_users: top_users.into_iter().map(|(user_id, event_count)| UserCount { user_id, event_count }).collect(),
+        top_event_types: Vec::new(),
+        calculated_at: now,
+    };
+    if total_events > 0 {
+        stats.processing_rate = percent(stats.processed_events, total_events);
+        stats.error_rate = percent(stats.failed_events, total_events);
+    }
+    for (source, category, event_type, all, today, week, month) in groups {
+        *stats.events_by_source.entry(source).or_default() += all;
+        *stats.events_by_category.entry(category).or_default() += all;
+        *stats.events_by_type.entry(event_type).or_default() += all;
+        stats.events_today += today;
+        stats.events_this_week += week;
+        stats.events_this_month += month;
+    }
+    let mut types: Vec<TypeCount> = stats
+        .events_by_type
+        .iter()
+        .map(|(event_type, event_count)| TypeCount { event_type: event_type.clone(), event_count: *event_count })
+        .collect();
+    types.sort_by(|a, b| b.event_count.cmp(&a.event_count).then_with(|| a.event_type.cmp(&b.event_type)));
+    types.truncate(TOP);
+    stats.top_event_types = types;
+    Ok(stats)
+}
+
+fn percent(part: i64, whole: i64) -> f64 {
+    (part as f64 * 10_000.0 / whole as f64).round() / 100.0
+}
