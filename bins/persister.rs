@@ -22,8 +22,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(&args.log.format);
     let token = shutdown::on_signal();
-    let nats_url = settings::required(&args.nats.url, "NATS_URL")?;
-    let database_url = settings::required(&args.database.url, "DATABASE_URL")?;
+    let nats_url = settings::required(&args.nats.nats_url, "NATS_URL")?;
+    let database_url = settings::required(&args.database.database_url, "DATABASE_URL")?;
     let (bus, pool) =
         service::connect_and_set_up(nats_url, &args.nats, database_url, &args.database, "event-persister").await?;
     Persister::build(bus.clone(), pool, &args.persister).await?.run(token).await?;

@@ -40,20 +40,20 @@ async fn main() -> anyhow::Result<()> {
     let token = shutdown::on_signal();
 
     let data_dir = std::path::absolute(&args.data_dir)?;
-    let local_nats = match &args.nats.url {
+    let local_nats = match &args.nats.nats_url {
         Some(_) => None,
         None => Some(LocalNats::start(&args.nats_server_bin, &data_dir.join("nats"), 0)?),
     };
-    let local_postgres = match &args.database.url {
+    let local_postgres = match &args.database.database_url {
         Some(_) => None,
         None => Some(LocalPostgres::start(&data_dir.join("postgres"), 0, true)?),
     };
-    let nats_url = match (&args.nats.url, &local_nats) {
+    let nats_url = match (&args.nats.nats_url, &local_nats) {
         (Some(url), _) => url.clone(),
         (None, Some(local)) => local.url.clone(),
         (None, None) => unreachable!("a local server was started"),
     };
-    let database_url = match (&args.database.url, &local_postgres) {
+    let database_url = match (&args.database.database_url, &local_postgres) {
         (Some(url), _) => url.clone(),
         (None, Some(local)) => {
             event_service::db::ensure_database(&local.url("postgres"), "event_service").await?;

@@ -40,6 +40,14 @@ CREATE INDEX events_status_timestamp_idx ON event.events (status, "timestamp" DE
 CREATE UNIQUE INDEX events_stream_version_idx ON event.events (stream_id, stream_version) WHERE stream_id IS NOT NULL;
 CREATE INDEX events_data_gin_idx ON event.events USING gin (data jsonb_path_ops);
 
+-- How far the persister has stored each JetStream stream: it stores strictly in sequence
+-- order, so stream versions follow the JetStream order even across redeliveries.
+CREATE TABLE event.persister_position (
+    stream     text PRIMARY KEY,
+    last_seq   bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE TABLE event.event_streams (
     stream_id   text PRIMARY KEY,
     stream_type text NOT NULL,

@@ -108,7 +108,7 @@ pub struct Bus {
 
 impl Bus {
     /// Connects, retrying in the background if the server goes away later.
-    pub async fn connect(url: &str, name: &str) -> Result<Self, BusError> {
+    pub async fn connect(url: &str, name: &str, ack_timeout: Duration) -> Result<Self, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name(name)
             .retry_on_initial_connect()
@@ -123,7 +123,7 @@ impl Bus {
             .connect(url)
             .await?;
         let mut jetstream = jetstream::new(client.clone());
-        jetstream.set_timeout(Duration::from_secs(10));
+        jetstream.set_timeout(ack_timeout);
         // Make sure we are really connected before answering: retry_on_initial_connect
         // returns at once otherwise.
         tokio::time::timeout(Duration::from_secs(30), async {

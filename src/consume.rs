@@ -90,7 +90,10 @@ impl ConsumeLoop {
             pause = Duration::from_millis(100);
             loop {
                 let first = tokio::select! {
-                    _ = token.cancelled() => break 'connect,
+                    _ = token.cancelled() => {
+                        release_buffered(stage, &mut messages, self.max_batch).await;
+                        break 'connect;
+                    }
                     next = messages.next() => next,
                 };
                 let mut batch = Vec::new();
@@ -130,13 +133,15 @@ impl ConsumeLoop {
             let kind = match outcome {
                 Outcome::Ack => AckKind::Ack,
                 Outcome::Retry { after } => AckKind::Nak(Some(after)),
-                Outcome::Reject(rejection) => match dead_letter(&self.bus, self.stage, message, &rejection).await {
-                    Ok(()) => AckKind::Term,
-                    Err(error) => {
-                        tracing::error!(stage = self.stage, error = %error, "cannot dead-letter; will retry");
-                        AckKind::Nak(Some(Duration::from_secs(5)))
+                Outcome::Reject(rejection) => {
+                    match dead_letter(&self.bus, self.stage, Original::of(message), &rejection).await {
+                        Ok(()) => AckKind::Term,
+                        Err(error) => {
+                            tracing::error!(stage = self.stage, error = %error, "cannot dead-letter; will retry");
+                            AckKind::Nak(Some(Duration::from_secs(5)))
+                        }
                     }
-                },
+                }
             };
             // A lost ack only means a redelivery, which every effect tolerates (idempotent).
             if let Err(error) = message.ack_with(kind).await {
@@ -146,36 +151,58 @@ impl ConsumeLoop {
     }
 }
 
+/// The message being dead-lettered, wherever it was read from.
+pub struct Original<'a> {
+    pub subject: &'a str,
+    pub headers: Option<&'a HeaderMap>,
+    pub payload: &'a bytes::Bytes,
+    pub stream: &'a str,
+    pub sequence: u64,
+}
+
+impl<'a> Original<'a> {
+    pub fn of(message: &'a Message) -> Self {
+        let (stream, sequence) = match message.info() {
+            Ok(info) => (info.stream, info.stream_sequence),
+            Err(_) => ("", 0),
+        };
+        Self {
+            subject: message.subject.as_str(),
+            headers: message.headers.as_ref(),
+            payload: &message.payload,
+            stream,
+            sequence,
+        }
+    }
+}
+
 /// Copies a message to `deadletter.{stage}` with the reason in headers and waits for the
 /// PubAck. The copy's `Nats-Msg-Id` is derived from the original's position, so dead-lettering
-/// the same delivery twice stores it once.
+/// the same message twice stores it once.
 pub async fn dead_letter(
     bus: &Bus,
     stage: &str,
-    message: &Message,
+    original: Original<'_>,
     rejection: &Rejection,
 ) -> Result<(), bus::BusError> {
     let mut headers = HeaderMap::new();
-    if let Some(original) = &message.headers {
-        for (name, values) in original.iter() {
+    if let Some(headers_in) = original.headers {
+        for (name, values) in headers_in.iter() {
             for value in values {
                 headers.append(name.clone(), value.clone());
             }
         }
     }
-    let (stream, sequence) = match message.info() {
-        Ok(info) => (info.stream.to_owned(), info.stream_sequence),
-        Err(_) => (String::new(), 0),
-    };
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{stage}.{stream}.{sequence}").as_str());
+    let sequence = original.sequence;
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{stage}.{}.{sequence}", original.stream).as_str());
     headers.insert(bus::STAGE_HEADER, stage);
     headers.insert(bus::REASON_CODE_HEADER, rejection.code);
     headers.insert(bus::REASON_HEADER, header_safe(&rejection.detail).as_str());
-    headers.insert(bus::ORIGINAL_SUBJECT_HEADER, message.subject.as_str());
+    headers.insert(bus::ORIGINAL_SUBJECT_HEADER, original.subject);
     headers.insert(bus::ORIGINAL_SEQUENCE_HEADER, sequence.to_string().as_str());
-    tracing::warn!(stage, subject = %message.subject, stream_seq = sequence, reason = rejection.code,
+    tracing::warn!(stage, subject = %original.subject, stream_seq = sequence, reason = rejection.code,
         detail = %rejection.detail, "dead-lettered");
-    bus.publish(Outgoing { subject: subject::deadletter_subject(stage), headers, payload: message.payload.clone() })
+    bus.publish(Outgoing { subject: subject::deadletter_subject(stage), headers, payload: original.payload.clone() })
         .await
         .map(|_| ())
 }
@@ -183,6 +210,22 @@ pub async fn dead_letter(
 /// Header values cannot hold line breaks; keep them short too.
 fn header_safe(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { ' ' } else { c }).take(1024).collect()
+}
+
+/// Hands back what was pulled but not handled, so another instance gets it now instead of
+/// after the ack wait.
+async fn release_buffered(stage: &str, messages: &mut async_nats::jetstream::consumer::pull::Stream, limit: usize) {
+    // Bounded: the stream keeps pulling while we drain, and what we NAK may come straight back.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+    let mut released = 0;
+    while released < limit {
+        let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, messages.next()).await else { break };
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+        released += 1;
+    }
+    if released > 0 {
+        tracing::info!(stage, released, "released unhandled messages");
+    }
 }
 
 async fn sleep_or_cancel(duration: Duration, token: &CancellationToken) {

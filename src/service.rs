@@ -22,7 +22,7 @@ pub async fn connect_and_set_up(
     database: &DatabaseArgs,
     client_name: &str,
 ) -> anyhow::Result<(Bus, PgPool)> {
-    let bus = Bus::connect(nats_url, client_name).await?;
+    let bus = Bus::connect(nats_url, client_name, std::time::Duration::from_millis(nats.ack_timeout_ms)).await?;
     bus.apply_topology(nats).await?;
     let pool = db::connect(database_url, database).await?;
     db::migrate(&pool).await?;

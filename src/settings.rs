@@ -13,10 +13,13 @@ use clap::Args;
 pub struct NatsArgs {
     /// NATS server URL. `event-service` starts a private nats-server when it is unset.
     #[arg(long = "nats-url", env = "NATS_URL")]
-    pub url: Option<String>,
+    pub nats_url: Option<String>,
     /// Replicas of every stream: 1 on a laptop, 3 on a cluster.
     #[arg(long = "stream-replicas", env = "EVENT_STREAM_REPLICAS", default_value_t = 1)]
     pub replicas: usize,
+    /// How long a publish waits for JetStream's acknowledgement, in milliseconds.
+    #[arg(long = "nats-ack-timeout-ms", env = "EVENT_NATS_ACK_TIMEOUT_MS", default_value_t = 5000)]
+    pub ack_timeout_ms: u64,
     /// How long EVENTS keeps messages, in seconds (default 7 days).
     #[arg(long = "events-max-age-secs", env = "EVENT_EVENTS_MAX_AGE_SECS", default_value_t = 7 * 24 * 3600)]
     pub events_max_age_secs: u64,
@@ -27,7 +30,7 @@ pub struct NatsArgs {
 pub struct DatabaseArgs {
     /// PostgreSQL URL. `event-service` starts a private PostgreSQL when it is unset.
     #[arg(long = "database-url", env = "DATABASE_URL")]
-    pub url: Option<String>,
+    pub database_url: Option<String>,
     /// Largest number of pooled connections.
     #[arg(long = "db-max-connections", env = "EVENT_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub max_connections: u32,

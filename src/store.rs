@@ -3,8 +3,8 @@
 //!
 //! Reads and writes `event.events`, `event.event_streams` and the `event.rollup_*` tables.
 //! Guarantees: [`insert_batch`] is idempotent by event id (a redelivered event changes
-//! nothing), assigns gapless stream versions in batch order, and updates every rollup in the
-//! same transaction as the rows it counts.
+//! nothing), assigns gapless stream versions in batch order, and updates every rollup and the
+//! persister's stream position in the same transaction as the rows it counts.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -25,30 +25,71 @@ pub struct Incoming {
 }
 
 /// What [`insert_batch`] did.
-#[derive(Debug, Default)]
-pub struct Inserted {
-    /// Events written by this call (the others were already stored).
-    pub new_ids: HashSet<Uuid>,
+#[derive(Debug)]
+pub enum InsertOutcome {
+    /// Committed; these events were written now (the others were already stored).
+    Stored(HashSet<Uuid>),
+    /// Another writer moved the position or wrote the same events meanwhile; nothing was
+    /// written. Read the position again and retry.
+    Conflict,
 }
 
-/// Stores a batch in one transaction. Events already stored are skipped. Versions of each
-/// entity stream follow the batch order, which is the JetStream order.
-pub async fn insert_batch(pool: &PgPool, batch: &[Incoming]) -> Result<Inserted, sqlx::Error> {
-    // Another writer can slip the same event in between our check and our insert; then the
-    // insert count disagrees, we roll back and look again.
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        match try_insert_batch(pool, batch).await? {
-            Some(inserted) => return Ok(inserted),
-            None if attempts < 5 => continue,
-            None => return Err(sqlx::Error::Protocol("concurrent writers kept conflicting on the same events".into())),
+/// The stream sequence up to which the persister has stored `stream`.
+pub async fn persisted_position(pool: &PgPool, stream: &str) -> Result<u64, sqlx::Error> {
+    sqlx::query("INSERT INTO event.persister_position (stream, last_seq) VALUES ($1, 0) ON CONFLICT DO NOTHING")
+        .bind(stream)
+        .execute(pool)
+        .await?;
+    let position: i64 = sqlx::query_scalar("SELECT last_seq FROM event.persister_position WHERE stream = $1")
+        .bind(stream)
+        .fetch_one(pool)
+        .await?;
+    Ok(position.max(0) as u64)
+}
+
+/// Moves the position back, for a JetStream stream that was recreated and numbers anew.
+pub async fn reset_position(pool: &PgPool, stream: &str, last_seq: u64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE event.persister_position SET last_seq = $2, updated_at = now() WHERE stream = $1")
+        .bind(stream)
+        .bind(last_seq as i64)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Where a batch sits in its JetStream stream: it continues `from` and ends at `to`.
+#[derive(Debug, Clone, Copy)]
+pub struct Advance<'a> {
+    pub stream: &'a str,
+    pub from: u64,
+    pub to: u64,
+}
+
+/// Stores a batch in one transaction, moving the stream position from `advance.from` to
+/// `advance.to` when given. Events already stored are skipped. Versions of each entity stream
+/// follow the batch order, which must be the JetStream order.
+pub async fn insert_batch(
+    pool: &PgPool,
+    batch: &[Incoming],
+    advance: Option<Advance<'_>>,
+) -> Result<InsertOutcome, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if let Some(advance) = advance {
+        // Also locks the position row, so concurrent persisters take turns.
+        let moved = sqlx::query(
+            "UPDATE event.persister_position SET last_seq = $3, updated_at = now()
+             WHERE stream = $1 AND last_seq = $2",
+        )
+        .bind(advance.stream)
+        .bind(advance.from as i64)
+        .bind(advance.to as i64)
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(InsertOutcome::Conflict);
         }
     }
-}
-
-async fn try_insert_batch(pool: &PgPool, batch: &[Incoming]) -> Result<Option<Inserted>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
     let ids: Vec<Uuid> = batch.iter().map(|incoming| incoming.event.event_id).collect();
     let existing: HashSet<Uuid> =
         sqlx::query_scalar::<_, Uuid>("SELECT event_id FROM event.events WHERE event_id = ANY($1)")
@@ -62,20 +103,18 @@ async fn try_insert_batch(pool: &PgPool, batch: &[Incoming]) -> Result<Option<In
         .iter()
         .filter(|incoming| !existing.contains(&incoming.event.event_id) && seen.insert(incoming.event.event_id))
         .collect();
-    if fresh.is_empty() {
-        tx.commit().await?;
-        return Ok(Some(Inserted::default()));
+    if !fresh.is_empty() {
+        let versions = assign_stream_versions(&mut tx, &fresh).await?;
+        let rows = insert_events(&mut tx, &fresh, &versions).await?;
+        if rows != fresh.len() as u64 {
+            // Someone else wrote one of these events between our check and our insert.
+            tx.rollback().await?;
+            return Ok(InsertOutcome::Conflict);
+        }
+        update_rollups(&mut tx, &fresh).await?;
     }
-
-    let versions = assign_stream_versions(&mut tx, &fresh).await?;
-    let rows = insert_events(&mut tx, &fresh, &versions).await?;
-    if rows != fresh.len() as u64 {
-        tx.rollback().await?;
-        return Ok(None);
-    }
-    update_rollups(&mut tx, &fresh).await?;
     tx.commit().await?;
-    Ok(Some(Inserted { new_ids: seen }))
+    Ok(InsertOutcome::Stored(seen))
 }
 
 /// Bumps each touched stream's version by its number of new events and returns the version

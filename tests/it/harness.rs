@@ -1,0 +1,284 @@
+//! Starts the service in-process against private servers, and helpers to poke at it.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use event_service::bus::Bus;
+use event_service::gateway::Gateway;
+use event_service::local::{LocalNats, LocalPostgres};
+use event_service::persister::Persister;
+use event_service::service;
+use event_service::settings::{DatabaseArgs, GatewayArgs, NatsArgs, PersisterArgs};
+use reqwest::StatusCode;
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub fn init_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt().with_env_filter("info").with_test_writer().try_init();
+        }
+    });
+}
+
+pub fn nats_server_bin() -> PathBuf {
+    std::env::var_os("NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/nats/bin/nats-server"))
+}
+
+/// Port of the PostgreSQL cluster shared by every test of this run. It is started on a thread
+/// that lives as long as the process, so it stops when the test binary exits.
+fn shared_postgres_port() -> u16 {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    *PORT.get_or_init(|| {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let dir = tempfile::Builder::new().prefix("evsvc-pg-").tempdir().expect("temp dir");
+            match LocalPostgres::start(dir.path(), 0, false) {
+                Ok(postgres) => {
+                    sender.send(Ok(postgres.port)).expect("send port");
+                    let _keep = (postgres, dir);
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Err(error) => sender.send(Err(format!("{error:#}"))).expect("send error"),
+            }
+        });
+        receiver.recv().expect("postgres thread").unwrap_or_else(|error| panic!("cannot start PostgreSQL: {error}"))
+    })
+}
+
+/// A new, empty database on the shared cluster.
+pub async fn fresh_database() -> String {
+    let port = shared_postgres_port();
+    let name = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let admin = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    event_service::db::ensure_database(&admin, &name).await.expect("create database");
+    format!("postgres://postgres@127.0.0.1:{port}/{name}")
+}
+
+#[derive(Clone)]
+pub struct Options {
+    pub api_keys: Vec<String>,
+    pub rudderstack_secret: Option<String>,
+    pub store_timeout_ms: u64,
+    pub start_persister: bool,
+    pub database_url: Option<String>,
+    pub max_batch_events: u16,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            api_keys: vec![],
+            rudderstack_secret: None,
+            store_timeout_ms: 5000,
+            start_persister: true,
+            database_url: None,
+            max_batch_events: 1000,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub js: jetstream::Context,
+    pub pool: PgPool,
+    bus: Bus,
+    service_pool: PgPool,
+    token: CancellationToken,
+    persister: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+    pub nats_server: LocalNats,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+pub async fn spawn_app_with(options: Options) -> TestApp {
+    init_logs();
+    let dir = tempfile::Builder::new().prefix("evsvc-it-").tempdir().expect("temp dir");
+    let nats_server = LocalNats::start(&nats_server_bin(), dir.path(), 0).expect("start nats-server");
+    let database_url = match options.database_url.clone() {
+        Some(url) => url,
+        None => fresh_database().await,
+    };
+    let nats_args = NatsArgs {
+        nats_url: Some(nats_server.url.clone()),
+        replicas: 1,
+        events_max_age_secs: 3600,
+        ack_timeout_ms: 2000,
+    };
+    let database_args = DatabaseArgs { database_url: Some(database_url.clone()), max_connections: 8 };
+    let (bus, service_pool) =
+        service::connect_and_set_up(&nats_server.url, &nats_args, &database_url, &database_args, "test-service")
+            .await
+            .expect("set up");
+    let gateway_args = GatewayArgs {
+        http_addr: "127.0.0.1:0".parse().expect("addr"),
+        api_keys: options.api_keys.clone(),
+        rudderstack_secret: options.rudderstack_secret.clone(),
+        max_batch_events: options.max_batch_events,
+        max_body_bytes: 1024 * 1024,
+        max_batch_body_bytes: 16 * 1024 * 1024,
+        store_timeout_ms: options.store_timeout_ms,
+    };
+    let token = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let gateway =
+        Gateway::build(bus.clone(), service_pool.clone(), &gateway_args, token.clone()).await.expect("gateway");
+    tokio::spawn(gateway.run(listener, token.clone()));
+
+    let js = jetstream::new(async_nats::connect(&nats_server.url).await.expect("test nats client"));
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect_lazy(&database_url).expect("pool");
+    let mut app = TestApp {
+        base,
+        http: reqwest::Client::new(),
+        js,
+        pool,
+        bus,
+        service_pool,
+        token,
+        persister: None,
+        nats_server,
+        _dir: dir,
+    };
+    if options.start_persister {
+        app.start_persister().await;
+    }
+    app
+}
+
+impl TestApp {
+    pub async fn start_persister(&mut self) {
+        assert!(self.persister.is_none(), "persister already running");
+        let token = self.token.child_token();
+        let persister =
+            Persister::build(self.bus.clone(), self.service_pool.clone(), &PersisterArgs { batch_size: 500 })
+                .await
+                .expect("persister");
+        let handle = tokio::spawn(persister.run(token.clone()));
+        self.persister = Some((token, handle));
+    }
+
+    /// Graceful stop: the persister finishes its batch and exits.
+    pub async fn stop_persister(&mut self) {
+        let (token, handle) = self.persister.take().expect("persister running");
+        token.cancel();
+        handle.await.expect("join").expect("persister result");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let response = self.http.post(self.url(path)).json(body).send().await.expect("request");
+        split(response).await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+        let response = self.http.post(self.url(path)).body(body).send().await.expect("request");
+        split(response).await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self.http.get(self.url(path)).send().await.expect("request");
+        split(response).await
+    }
+
+    pub async fn count_events(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM event.events").fetch_one(&self.pool).await.expect("count")
+    }
+
+    /// Waits until at least `expected` events are stored; returns the count.
+    pub async fn wait_for_events(&self, expected: i64, timeout: Duration) -> i64 {
+        let pool = self.pool.clone();
+        wait_until(timeout, || {
+            let pool = pool.clone();
+            async move {
+                let count: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM event.events").fetch_one(&pool).await.unwrap_or(-1);
+                (count >= expected).then_some(count)
+            }
+        })
+        .await
+        .unwrap_or_else(|| panic!("fewer than {expected} events stored within {timeout:?}"))
+    }
+
+    /// Every message in DEADLETTER, oldest first.
+    pub async fn dead_letters(&self) -> Vec<jetstream::message::StreamMessage> {
+        let stream = self.js.get_stream("DEADLETTER").await.expect("deadletter stream");
+        let last = stream.get_info().await.expect("info").state.last_sequence;
+        let mut messages = Vec::new();
+        for sequence in 1..=last {
+            if let Ok(message) = stream.get_raw_message(sequence).await {
+                messages.push(message);
+            }
+        }
+        messages
+    }
+
+    pub async fn wait_for_dead_letters(&self, expected: usize) -> Vec<jetstream::message::StreamMessage> {
+        for _ in 0..200 {
+            let letters = self.dead_letters().await;
+            if letters.len() >= expected {
+                return letters;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("fewer than {expected} dead letters");
+    }
+
+    /// Publishes straight to JetStream, as a NATS-native producer would.
+    pub async fn publish(&self, subject: &str, headers: async_nats::HeaderMap, body: Vec<u8>) -> u64 {
+        self.js
+            .publish_with_headers(subject.to_owned(), headers, body.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("puback")
+            .sequence
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+async fn split(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.expect("body");
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+/// Polls `check` until it returns Some or `timeout` passes.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the real service against a real nats-server and PostgreSQL that the
+//! harness starts (one PostgreSQL cluster per run with a fresh database per test, one
+//! nats-server per test). Tests talk to it the way users do: HTTP, NATS, SQL to check.
+//! Set TEST_LOG=1 to see the service's logs.
+
+mod harness;
+
+mod api;
+mod ingest;
+mod resilience;

@@ -1,0 +1,118 @@
+//! Nothing acknowledged is lost: the persister stopping mid-stream, PostgreSQL going away.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use event_service::local::LocalPostgres;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::harness::{Options, spawn_app, spawn_app_with};
+
+/// Publishes `count` events for `stream`, PubAcks pipelined; returns once all are acked.
+async fn publish_many(app: &crate::harness::TestApp, from: usize, count: usize, stream: &str) {
+    let mut acks = Vec::with_capacity(count);
+    for i in from..from + count {
+        let mut headers = HeaderMap::new();
+        let id = uuid::Uuid::now_v7();
+        headers.insert("Nats-Msg-Id", id.to_string().as_str());
+        let body = json!({"event_id": id, "event_type": "load.tick", "stream_id": stream, "data": {"i": i}});
+        acks.push(
+            app.js
+                .publish_with_headers("events.backend.task.load.tick", headers, body.to_string().into())
+                .await
+                .expect("publish"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("puback");
+    }
+}
+
+async fn assert_stream_exact(app: &crate::harness::TestApp, stream: &str, expected: usize) {
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT (data->>'i')::bigint, stream_version FROM event.events WHERE stream_id = $1 ORDER BY stream_seq",
+    )
+    .bind(stream)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), expected, "every acked event exactly once");
+    for (position, (i, version)) in rows.iter().enumerate() {
+        assert_eq!(*i as usize, position, "stored in publish order");
+        assert_eq!(*version as usize, position + 1, "versions gapless and in stream order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persister_stopped_mid_stream_loses_and_duplicates_nothing() {
+    let mut app = spawn_app().await;
+    let publisher = {
+        let js = app.js.clone();
+        tokio::spawn(async move {
+            for chunk in 0..10 {
+                let mut acks = Vec::new();
+                for i in chunk * 300..(chunk + 1) * 300 {
+                    let body = json!({"event_type": "load.tick", "stream_id": "load:one", "data": {"i": i}});
+                    acks.push(js.publish("events.backend.task.load.tick", body.to_string().into()).await.unwrap());
+                }
+                for ack in acks {
+                    ack.await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        })
+    };
+    // Stop while events are flowing, let more pile up, then start a new persister.
+    app.wait_for_events(300, Duration::from_secs(20)).await;
+    app.stop_persister().await;
+    let stopped_at = app.count_events().await;
+    publisher.await.unwrap();
+    assert_eq!(app.count_events().await, stopped_at, "a stopped persister writes nothing");
+    app.start_persister().await;
+    app.wait_for_events(3000, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_stream_exact(&app, "load:one", 3000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_accepted_while_postgres_is_down_are_stored_when_it_returns() {
+    let dir = tempfile::Builder::new().prefix("evsvc-pg-own-").tempdir().unwrap();
+    let mut postgres = LocalPostgres::start(dir.path(), 0, false).unwrap();
+    event_service::db::ensure_database(&postgres.url("postgres"), "events").await.unwrap();
+    let app = spawn_app_with(Options {
+        database_url: Some(postgres.url("events")),
+        store_timeout_ms: 500,
+        ..Options::default()
+    })
+    .await;
+    publish_many(&app, 0, 100, "outage:one").await;
+    app.wait_for_events(100, Duration::from_secs(20)).await;
+
+    postgres.stop();
+    publish_many(&app, 100, 400, "outage:one").await;
+    let (status, answer) = app.post("/api/v1/events/frontend", &json!({"event_type": "during.outage"})).await;
+    assert_eq!(status, StatusCode::OK, "frontend ingest does not need PostgreSQL: {answer}");
+    let (status, answer) = app.post("/api/v1/events/create", &json!({"event_type": "during.outage"})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "create answers 202 when the store is away: {answer}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    postgres.launch().unwrap();
+    app.wait_for_events(502, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.count_events().await, 502);
+    assert_stream_exact(&app, "outage:one", 500).await;
+    let (_, stats) = app.get("/api/v1/events/statistics").await;
+    assert_eq!(stats["total_events"], 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_service_picks_up_where_it_left_off() {
+    let mut app = spawn_app().await;
+    app.stop_persister().await;
+    publish_many(&app, 0, 50, "restart:one").await;
+    assert_eq!(app.count_events().await, 0);
+    app.start_persister().await;
+    app.wait_for_events(50, Duration::from_secs(20)).await;
+    assert_stream_exact(&app, "restart:one", 50).await;
+}
