@@ -47,7 +47,16 @@ impl Outcome {
 /// A stage's message handler: one outcome per message of the batch, in order.
 pub trait BatchHandler: Send + Sync {
     fn handle(&self, batch: &[Message]) -> impl Future<Output = Vec<Outcome>> + Send;
+
+    /// Called when nothing has arrived for [`IDLE_AFTER`]: a chance to catch up on work the
+    /// consumer will only redeliver later.
+    fn idle(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
 }
+
+/// How long without a message before [`BatchHandler::idle`] runs.
+pub const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {
@@ -94,7 +103,13 @@ impl ConsumeLoop {
                         release_buffered(stage, &mut messages, self.max_batch).await;
                         break 'connect;
                     }
-                    next = messages.next() => next,
+                    next = tokio::time::timeout(IDLE_AFTER, messages.next()) => match next {
+                        Ok(next) => next,
+                        Err(_) => {
+                            handler.idle().await;
+                            continue;
+                        }
+                    },
                 };
                 let mut batch = Vec::new();
                 match first {

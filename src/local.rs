@@ -64,12 +64,11 @@ impl LocalNats {
                 .find(|entry| entry.file_name().to_string_lossy().ends_with(".ports"));
             if let Some(file) = file {
                 let text = fs::read_to_string(file.path())?;
-                if let Ok(ports) = serde_json::from_str::<PortsFile>(&text) {
-                    if let (Some(client), Some(monitoring)) =
+                if let Ok(ports) = serde_json::from_str::<PortsFile>(&text)
+                    && let (Some(client), Some(monitoring)) =
                         (ports.nats.into_iter().next(), ports.monitoring.into_iter().next())
-                    {
-                        return Ok(Ports { client, monitoring });
-                    }
+                {
+                    return Ok(Ports { client, monitoring });
                 }
             }
             std::thread::sleep(Duration::from_millis(10));

@@ -71,17 +71,17 @@ impl Persister {
             .await
             .map_err(|source| BusError::StreamLookup { name: STREAM.to_owned(), source })?;
         let position = store::persisted_position(&pool, STREAM).await?;
-        if let Ok(info) = events.info().await {
-            if info.state.last_sequence < position {
-                // The stream was recreated and numbers from 1 again.
-                tracing::error!(
-                    stage = STAGE,
-                    position,
-                    stream_last = info.state.last_sequence,
-                    "EVENTS is behind the stored position; starting over from its beginning"
-                );
-                store::reset_position(&pool, STREAM, info.state.first_sequence.saturating_sub(1)).await?;
-            }
+        if let Ok(info) = events.info().await
+            && info.state.last_sequence < position
+        {
+            // The stream was recreated and numbers from 1 again.
+            tracing::error!(
+                stage = STAGE,
+                position,
+                stream_last = info.state.last_sequence,
+                "EVENTS is behind the stored position; starting over from its beginning"
+            );
+            store::reset_position(&pool, STREAM, info.state.first_sequence.saturating_sub(1)).await?;
         }
         let consume = ConsumeLoop { stage: STAGE, bus: bus.clone(), consumer, max_batch: settings.batch_size.max(1) };
         let handler = Handler { pool, bus, events, token: CancellationToken::new() };
@@ -144,6 +144,23 @@ enum Attempt {
 }
 
 impl BatchHandler for Handler {
+    /// A pull request of a stopped or crashed instance may have taken messages with it; the
+    /// consumer would hand them out again only after the ack wait. When nothing arrives but
+    /// EVENTS holds more than is stored, read the rest from the stream directly.
+    async fn idle(&self) {
+        let Ok(info) = self.events.get_info().await else { return };
+        let Ok(position) = store::persisted_position(&self.pool, STREAM).await else { return };
+        if info.state.last_sequence > position {
+            tracing::info!(
+                stage = STAGE,
+                position,
+                stream_last = info.state.last_sequence,
+                "catching up from the stream"
+            );
+            let _ = self.attempt(&[], &[], &mut [], info.state.last_sequence).await;
+        }
+    }
+
     async fn handle(&self, batch: &[Message]) -> Vec<Outcome> {
         let mut outcomes = vec![Outcome::Ack; batch.len()];
         let mut envelopes = Vec::with_capacity(batch.len());
@@ -164,7 +181,7 @@ impl BatchHandler for Handler {
         envelopes.sort_by_key(|envelope| envelope.seq);
         loop {
             let mut attempt_outcomes = outcomes.clone();
-            match self.attempt(batch, &envelopes, &mut attempt_outcomes).await {
+            match self.attempt(batch, &envelopes, &mut attempt_outcomes, 0).await {
                 Attempt::Finished => return attempt_outcomes,
                 Attempt::Again => continue,
                 Attempt::GiveBack(after) => {
@@ -181,7 +198,15 @@ impl BatchHandler for Handler {
 }
 
 impl Handler {
-    async fn attempt(&self, batch: &[Message], envelopes: &[Envelope<'_>], outcomes: &mut [Outcome]) -> Attempt {
+    /// Stores the batch (and anything before it that is missing), or when `catch_up_to` is
+    /// beyond it, everything up to that sequence.
+    async fn attempt(
+        &self,
+        batch: &[Message],
+        envelopes: &[Envelope<'_>],
+        outcomes: &mut [Outcome],
+        catch_up_to: u64,
+    ) -> Attempt {
         let Some(Ok(stored_up_to)) =
             self.through_outages(batch, || store::persisted_position(&self.pool, STREAM)).await
         else {
@@ -193,12 +218,13 @@ impl Handler {
             self.decoded(envelope, outcomes, &mut done);
         }
         let fresh: Vec<&Envelope> = envelopes.iter().filter(|envelope| envelope.seq > stored_up_to).collect();
-        let Some(last) = fresh.last().map(|envelope| envelope.seq) else {
+        let last = fresh.last().map_or(catch_up_to, |envelope| envelope.seq.max(catch_up_to));
+        if last <= stored_up_to {
             self.finish(batch, &done, &HashSet::new(), outcomes).await;
             return Attempt::Finished;
-        };
+        }
 
-        let (filled, covered) = match self.fill_gaps(stored_up_to, &fresh).await {
+        let (filled, covered) = match self.fill_gaps(stored_up_to, &fresh, last).await {
             Ok(filled) => filled,
             Err(error) => {
                 tracing::warn!(stage = STAGE, error = %error, "cannot read EVENTS to fill a gap; handing the batch back");
@@ -315,18 +341,18 @@ impl Handler {
         }
     }
 
-    /// Reads the messages between the stored position and the batch that the consumer has
-    /// not delivered (yet): a lost delivery comes back only after the ack wait.
-    /// Returns what it read and the sequence up to which nothing is missing any more.
+    /// Reads the messages up to `last` that the consumer has not delivered (yet): a lost
+    /// delivery comes back only after the ack wait. Returns what it read and the sequence up
+    /// to which nothing is missing any more.
     async fn fill_gaps(
         &self,
         stored_up_to: u64,
         fresh: &[&Envelope<'_>],
+        last: u64,
     ) -> Result<(Vec<OwnedEnvelope>, u64), BusError> {
         let have: HashSet<u64> = fresh.iter().map(|envelope| envelope.seq).collect();
-        let last = fresh.last().map_or(stored_up_to, |envelope| envelope.seq);
         let missing: Vec<u64> =
-            (stored_up_to + 1..last).filter(|seq| !have.contains(seq)).take(MAX_GAP_FILL as usize).collect();
+            (stored_up_to + 1..=last).filter(|seq| !have.contains(seq)).take(MAX_GAP_FILL as usize).collect();
         let covered = match (missing.len() as u64 == MAX_GAP_FILL, missing.last()) {
             (true, Some(&checked)) => checked,
             _ => last,

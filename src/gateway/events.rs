@@ -162,10 +162,10 @@ pub fn parse_filter(body: &Value) -> Result<EventFilter, Vec<FieldError>> {
         Some(Some(offset)) if offset >= 0 => filter.offset = offset,
         Some(_) => fields.fail("offset", "must be an integer ≥ 0"),
     }
-    if let (Some(start), Some(end)) = (filter.start_time, filter.end_time) {
-        if end < start {
-            fields.fail("end_time", "must not be before start_time");
-        }
+    if let (Some(start), Some(end)) = (filter.start_time, filter.end_time)
+        && end < start
+    {
+        fields.fail("end_time", "must not be before start_time");
     }
     if errors.is_empty() { Ok(filter) } else { Err(errors) }
 }

@@ -57,7 +57,7 @@ pub async fn webhook(
             let defaults = Defaults { event_source: EventSource::Frontend, ..Defaults::http(now) };
             ingest::parse_event(&request, &defaults)
         });
-        match event.map_err(|item_errors| item_errors).and_then(|event| {
+        match event.and_then(|event| {
             state.event_message(&event).map(|message| (message, event.event_id)).map_err(|error| match error {
                 ApiError::Validation(errors) => errors,
                 other => vec![FieldError::new("", other.to_string())],

@@ -39,11 +39,13 @@ fn shared_postgres_port() -> u16 {
     *PORT.get_or_init(|| {
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let dir = tempfile::Builder::new().prefix("evsvc-pg-").tempdir().expect("temp dir");
-            match LocalPostgres::start(dir.path(), 0, false) {
+            remove_stale_clusters();
+            // Named after this process, so the next run can tell it is stale and remove it.
+            let dir = std::env::temp_dir().join(format!("evsvc-pg-{}", std::process::id()));
+            match LocalPostgres::start(&dir, 0, false) {
                 Ok(postgres) => {
                     sender.send(Ok(postgres.port)).expect("send port");
-                    let _keep = (postgres, dir);
+                    let _keep = postgres;
                     loop {
                         std::thread::park();
                     }
@@ -53,6 +55,20 @@ fn shared_postgres_port() -> u16 {
         });
         receiver.recv().expect("postgres thread").unwrap_or_else(|error| panic!("cannot start PostgreSQL: {error}"))
     })
+}
+
+/// Removes the clusters of earlier test runs whose process is gone: the shared cluster lives
+/// until its test binary exits, so that binary cannot clean up after it.
+fn remove_stale_clusters() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("evsvc-pg-").and_then(|pid| pid.parse::<u32>().ok())
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// A new, empty database on the shared cluster.
@@ -169,6 +185,13 @@ impl TestApp {
                 .expect("persister");
         let handle = tokio::spawn(persister.run(token.clone()));
         self.persister = Some((token, handle));
+    }
+
+    /// A crash: the persister vanishes mid-batch, acking nothing more.
+    pub async fn kill_persister(&mut self) {
+        let (_token, handle) = self.persister.take().expect("persister running");
+        handle.abort();
+        let _ = handle.await;
     }
 
     /// Graceful stop: the persister finishes its batch and exits.

@@ -76,6 +76,32 @@ async fn persister_stopped_mid_stream_loses_and_duplicates_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persister_killed_mid_batch_is_replaced_without_waiting_for_redelivery() {
+    let mut app = spawn_app().await;
+    let publisher = {
+        let js = app.js.clone();
+        tokio::spawn(async move {
+            for i in 0..4000 {
+                let body = json!({"event_type": "load.tick", "stream_id": "crash:one", "data": {"i": i}});
+                let ack = js.publish("events.backend.task.load.tick", body.to_string().into()).await.unwrap();
+                if i % 200 == 199 {
+                    ack.await.unwrap();
+                }
+            }
+        })
+    };
+    app.wait_for_events(500, Duration::from_secs(20)).await;
+    // Whatever it had pulled and not acked is only redelivered after the 30 s ack wait; the
+    // new persister must not wait for that, nor store later events before those.
+    app.kill_persister().await;
+    app.start_persister().await;
+    publisher.await.unwrap();
+    app.wait_for_events(4000, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_stream_exact(&app, "crash:one", 4000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_accepted_while_postgres_is_down_are_stored_when_it_returns() {
     let dir = tempfile::Builder::new().prefix("evsvc-pg-own-").tempdir().unwrap();
     let mut postgres = LocalPostgres::start(dir.path(), 0, false).unwrap();

