@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use event_service::local::{LocalNats, LocalPostgres};
 use event_service::settings::{DatabaseArgs, GatewayArgs, LogArgs, NatsArgs, PersisterArgs};
 use event_service::{service, shutdown, telemetry};
@@ -28,9 +28,14 @@ struct Args {
     /// The nats-server binary for the private server.
     #[arg(long, env = "NATS_SERVER_BIN", default_value = "nats-server")]
     nats_server_bin: PathBuf,
-    /// Apply the JetStream topology and the migrations, then exit.
-    #[arg(long)]
-    setup_only: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the JetStream topology (`jetstream/`) and the migrations, then exit.
+    Setup,
 }
 
 #[tokio::main]
@@ -63,7 +68,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let (bus, pool) =
         service::connect_and_set_up(&nats_url, &args.nats, &database_url, &args.database, "event-service").await?;
-    if args.setup_only {
+    if matches!(args.command, Some(Command::Setup)) {
+        println!("JetStream topology and database migrations are up to date");
         return Ok(());
     }
     let listener = tokio::net::TcpListener::bind(args.gateway.http_addr).await?;

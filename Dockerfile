@@ -1,0 +1,33 @@
+# syntax=docker/dockerfile:1
+# The event-service binaries on Debian slim. Migrations and the JetStream topology are embedded
+# in the binaries at build time, so the runtime image needs nothing else.
+
+FROM rust:1.95-bookworm AS builder
+WORKDIR /build
+# Only what the build reads: the build context may hold target/ and local data.
+COPY Cargo.toml Cargo.lock ./
+COPY bins bins
+COPY src src
+COPY migrations migrations
+COPY jetstream jetstream
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/build/target \
+    cargo build --release --locked --bin event-service --bin event-gateway --bin event-persister \
+    && mkdir -p /out \
+    && cp target/release/event-service target/release/event-gateway target/release/event-persister /out/
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --user-group --uid 10001 --create-home --home-dir /var/lib/event-service \
+       --shell /usr/sbin/nologin event-service
+COPY --from=builder /out/ /usr/local/bin/
+USER event-service
+WORKDIR /var/lib/event-service
+ENV EVENT_HTTP_ADDR=0.0.0.0:8230 \
+    EVENT_LOG_FORMAT=json
+EXPOSE 8230
+# event-gateway and event-persister are in the image too: override the entrypoint to run a
+# single stage.
+ENTRYPOINT ["event-service"]
