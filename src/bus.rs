@@ -61,11 +61,25 @@ pub enum BusError {
     StreamLookup { name: String, source: jetstream::context::GetStreamError },
 }
 
+/// JetStream's error code for an atomic batch holding a `Nats-Msg-Id` it has already stored.
+const BATCH_DUPLICATE_MSG_ID: u64 = 10201;
+/// JetStream's error code for an atomic batch over the server's size limit.
+const BATCH_TOO_LARGE: u64 = 10199;
+
 impl BusError {
     /// True when the message itself is the problem (too large), so retrying cannot help.
     pub fn is_payload_too_large(&self) -> bool {
-        matches!(self, BusError::Publish(error)
-            if error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded)
+        match self {
+            BusError::Publish(error) => error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded,
+            BusError::BatchRejected { code, .. } => *code == BATCH_TOO_LARGE,
+            _ => false,
+        }
+    }
+
+    /// True when an atomic batch was refused because JetStream already holds one of its
+    /// message ids (inside the duplicate window): nothing of the batch was stored.
+    pub fn is_duplicate_in_batch(&self) -> bool {
+        matches!(self, BusError::BatchRejected { code, .. } if *code == BATCH_DUPLICATE_MSG_ID)
     }
 }
 
@@ -113,6 +127,8 @@ impl Bus {
             .name(name)
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
+            // The commit of an atomic batch is a plain request: give it the publish timeout.
+            .request_timeout(Some(ack_timeout))
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),

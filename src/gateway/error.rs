@@ -20,6 +20,10 @@ pub enum ApiError {
     BadSignature,
     #[error("request body too large")]
     PayloadTooLarge,
+    #[error("event too large: {0}")]
+    EventTooLarge(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("bad request: {0}")]
@@ -66,6 +70,8 @@ impl IntoResponse for ApiError {
             ApiError::PayloadTooLarge => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "The request body is too large".to_owned(), None)
             }
+            ApiError::EventTooLarge(detail) => (StatusCode::PAYLOAD_TOO_LARGE, "event_too_large", detail.clone(), None),
+            ApiError::Conflict(detail) => (StatusCode::CONFLICT, "duplicate_event_id", detail.clone(), None),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

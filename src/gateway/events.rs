@@ -8,6 +8,9 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use std::collections::HashMap;
+use std::time::Duration;
+
 use bytes::Bytes;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -65,22 +68,67 @@ pub async fn batch(State(state): State<AppState>, JsonBody(body): JsonBody) -> R
     if events.is_empty() {
         return Ok(Json(Vec::<Value>::new()).into_response());
     }
+    let mut first_index = HashMap::with_capacity(events.len());
+    for (index, event) in events.iter().enumerate() {
+        if let Some(first) = first_index.insert(event.event_id, index) {
+            errors.push(FieldError::new(format!("[{index}].event_id"), format!("repeats the event_id of [{first}]")));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
     let mut messages = Vec::with_capacity(events.len());
     for (index, event) in events.iter().enumerate() {
         let message = state.event_message(event).map_err(|error| match error {
-            ApiError::Validation(errors) => {
-                ApiError::Validation(errors.into_iter().map(|error| error.nested(&format!("[{index}]"))).collect())
-            }
+            ApiError::EventTooLarge(detail) => ApiError::EventTooLarge(format!("[{index}]: {detail}")),
             other => other,
         })?;
-        messages.push(message.with_header(bus::NOTIFY_HEADER, state.waiters.subject()));
+        messages.push((event.event_id, message.with_header(bus::NOTIFY_HEADER, state.waiters.subject())));
     }
     let ids: Vec<Uuid> = events.iter().map(|event| event.event_id).collect();
     let waiting = state.waiters.register(&ids);
-    state.bus.publish_atomic(messages).await?;
-    let in_database = waiting.wait(&state.pool, state.store_timeout, false).await;
+    let seen_before = publish_new(&state, messages).await?;
+    let in_database = waiting.wait(&state.pool, state.store_timeout, seen_before).await;
     let views: Vec<EventView> = events.iter().map(|event| EventView { event, status: EventStatus::Pending }).collect();
     Ok(answer(in_database, &views))
+}
+
+/// Publishes a batch atomically, leaving out the events that are already stored.
+///
+/// A client that retries a batch (its answer was lost, say) sends event ids JetStream has
+/// seen, and JetStream refuses an atomic batch holding any id it has already stored. The ids
+/// PostgreSQL has are then dropped and the rest published again, as one batch still; ids that
+/// are in JetStream but not yet in PostgreSQL are waited for, up to the store timeout. True
+/// when some events had been accepted before (nobody will announce those as stored).
+async fn publish_new(state: &AppState, mut messages: Vec<(Uuid, Outgoing)>) -> Result<bool, ApiError> {
+    let deadline = tokio::time::Instant::now() + state.store_timeout;
+    let mut seen_before = false;
+    loop {
+        let batch = messages.iter().map(|(_, message)| message.clone()).collect();
+        let error = match state.bus.publish_atomic(batch).await {
+            Ok(_) => return Ok(seen_before),
+            Err(error) if error.is_duplicate_in_batch() => error,
+            Err(error) => return Err(error.into()),
+        };
+        seen_before = true;
+        let ids: Vec<Uuid> = messages.iter().map(|(id, _)| *id).collect();
+        let stored = store::stored_ids(&state.pool, &ids).await?;
+        messages.retain(|(id, _)| !stored.contains(id));
+        if messages.is_empty() {
+            return Ok(true);
+        }
+        if stored.is_empty() && tokio::time::Instant::now() >= deadline {
+            tracing::warn!(%error, "batch holds event ids JetStream has but PostgreSQL does not have yet");
+            return Err(ApiError::Conflict(
+                "Some events of this batch were accepted before and are not stored yet; nothing new was \
+                 accepted. Retry the same batch later."
+                    .to_owned(),
+            ));
+        }
+        if stored.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 fn answer(in_database: bool, body: &impl Serialize) -> Response {
@@ -93,10 +141,11 @@ impl AppState {
     pub(super) fn event_message(&self, event: &Event) -> Result<Outgoing, ApiError> {
         let payload = serde_json::to_vec(event).map_err(|error| ApiError::BadRequest(error.to_string()))?;
         if payload.len() > self.max_event_bytes {
-            return Err(ApiError::Validation(vec![FieldError::new(
-                "",
-                format!("the event is {} bytes once encoded; the limit is {}", payload.len(), self.max_event_bytes),
-            )]));
+            return Err(ApiError::EventTooLarge(format!(
+                "the event is {} bytes once encoded; the limit is {}",
+                payload.len(),
+                self.max_event_bytes
+            )));
         }
         let subject =
             subject::event_subject(event.event_source.as_str(), event.event_category.as_str(), &event.event_type);

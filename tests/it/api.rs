@@ -213,6 +213,68 @@ async fn batch_with_any_invalid_item_stores_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_is_stored_once_and_new_events_in_it_are_added() {
+    let app = spawn_app().await;
+    let ids: Vec<String> = (0..4).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let item = |i: usize| json!({"event_id": ids[i], "event_type": format!("retry.item{i}"), "user_id": "retrier"});
+    let first = json!([item(0), item(1)]);
+    let (status, answer) = app.post("/api/v1/events/batch", &first).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // The client lost the answer and sends the same batch again: same answer, nothing new.
+    let (status, again) = app.post("/api/v1/events/batch", &first).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again.as_array().unwrap().len(), 2);
+    assert_eq!(app.count_events().await, 2);
+    // A batch mixing accepted events with new ones stores the new ones only.
+    let mixed = json!([item(1), item(2), item(0), item(3)]);
+    let (status, answer) = app.post("/api/v1/events/batch", &mixed).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let answered: Vec<&str> = answer.as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap()).collect();
+    assert_eq!(answered, [&ids[1], &ids[2], &ids[0], &ids[3]]);
+    assert_eq!(app.count_events().await, 4);
+    let (_, stats) = app.get("/api/v1/events/statistics").await;
+    assert_eq!(stats["total_events"], 4, "rollups count each event once");
+    let versions: Vec<i64> = sqlx::query_scalar(
+        "SELECT stream_version FROM event.events WHERE stream_id = 'user:retrier' ORDER BY stream_version",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(versions, [1, 2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_repeating_an_event_id_is_refused() {
+    let app = spawn_app().await;
+    let id = uuid::Uuid::now_v7().to_string();
+    let batch = json!([
+        {"event_id": id, "event_type": "twice"},
+        {"event_type": "once"},
+        {"event_id": id, "event_type": "twice.again"},
+    ]);
+    let (status, answer) = app.post("/api/v1/events/batch", &batch).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["errors"], json!([{"field": "[2].event_id", "message": "repeats the event_id of [0]"}]));
+    assert_eq!(app.count_events().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_larger_than_nats_takes_is_413_event_too_large() {
+    // nats-server's max_payload is 1 MiB; a batch body may be 16 MiB but no single event can
+    // be larger than a NATS message.
+    let app = spawn_app().await;
+    let batch = json!([{"event_type": "small"}, {"event_type": "big", "data": {"blob": "x".repeat(1024 * 1024)}}]);
+    let (status, answer) = app.post("/api/v1/events/batch", &batch).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert_eq!(answer["code"], "event_too_large");
+    assert!(answer["detail"].as_str().unwrap().starts_with("[1]: "), "{answer}");
+    let create = json!({"event_type": "big", "data": {"blob": "x".repeat(1024 * 1024 - 2000)}});
+    let (status, answer) = app.post("/api/v1/events/create", &create).await;
+    assert_eq!((status, answer["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("event_too_large")));
+    assert_eq!(app.count_events().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_filters_pages_and_orders_newest_first() {
     let app = spawn_app().await;
     let mut batch = Vec::new();
@@ -496,6 +558,13 @@ async fn api_keys_guard_management_endpoints_only() {
     assert_eq!(with_key("wrong").await.unwrap().status(), StatusCode::UNAUTHORIZED);
     let response = with_key("key-two").await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
+    // The scheme is case-insensitive (RFC 9110); the key is not.
+    let raw = |value: &'static str| {
+        app.http.post(app.url("/api/v1/events/create")).header("Authorization", value).json(&create).send()
+    };
+    assert_eq!(raw("BEARER key-one").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(raw("Bearer KEY-ONE").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(raw("Basic key-one").await.unwrap().status(), StatusCode::UNAUTHORIZED);
     for path in ["/api/v1/events/statistics", &format!("/api/v1/events/{}", uuid::Uuid::now_v7())] {
         let status = app.http.get(app.url(path)).send().await.unwrap().status();
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
