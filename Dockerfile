@@ -10,6 +10,7 @@ COPY bins bins
 COPY src src
 COPY migrations migrations
 COPY jetstream jetstream
+COPY docs docs
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/build/target \
     cargo build --release --locked --bin event-service --bin event-gateway --bin event-persister \

@@ -6,7 +6,7 @@
 //! payload fields and no NUL characters anywhere (PostgreSQL cannot store them), so the
 //! persister never meets a row it cannot write because of its content.
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -111,8 +111,9 @@ pub fn parse_event(value: &Value, defaults: &Defaults) -> Result<Event, Vec<Fiel
     let context = fields.object("context");
     let properties = fields.object("properties");
     let event_id = fields.uuid("event_id").or(defaults.event_id).unwrap_or_else(new_event_id);
-    let timestamp = fields.timestamp("timestamp").unwrap_or(defaults.now);
-    let created_at = fields.timestamp("created_at").unwrap_or(defaults.now);
+    // PostgreSQL keeps microseconds: cut there, so the answer shows what GET will show.
+    let timestamp = fields.timestamp("timestamp").unwrap_or(defaults.now).trunc_subsecs(6);
+    let created_at = fields.timestamp("created_at").unwrap_or(defaults.now).trunc_subsecs(6);
     let stream_id = fields.stream_id().or_else(|| Event::implicit_stream_id(user_id.as_deref(), device_id.as_deref()));
     if contains_nul(value) {
         errors.push(FieldError::new("", "must not contain NUL (\\u0000) characters"));

@@ -122,7 +122,7 @@ pub async fn collect_batch(
         result?;
     }
     let processed_count = event_ids.len();
-    let message = format!("{processed_count} events accepted, {} rejected", rejected.len());
+    let message = format!("{} accepted, {} rejected", super::events(processed_count), rejected.len());
     Ok(Json(BatchAccepted { status: "accepted", processed_count, event_ids, rejected, message }))
 }
 

@@ -104,6 +104,7 @@ pub fn router(state: AppState, settings: &GatewayArgs) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     let public = Router::new()
         .route("/health", get(health::health))
+        .route("/openapi.yaml", get(openapi))
         .route("/api/v1/events/frontend", post(frontend::collect).layer(single))
         .route("/api/v1/events/frontend/batch", post(frontend::collect_batch).layer(batch))
         .route("/api/v1/events/frontend/health", get(frontend::health))
@@ -114,4 +115,14 @@ pub fn router(state: AppState, settings: &GatewayArgs) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// "1 event", "3 events": for answer messages.
+fn events(count: usize) -> String {
+    if count == 1 { "1 event".to_owned() } else { format!("{count} events") }
+}
+
+/// The OpenAPI document of this API (`docs/openapi.yaml`, built in).
+async fn openapi() -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/yaml")], include_str!("../../docs/openapi.yaml"))
 }

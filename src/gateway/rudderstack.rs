@@ -76,7 +76,7 @@ pub async fn webhook(
     for result in state.bus.publish_all(messages).await {
         result?;
     }
-    let message = format!("{} events accepted", event_ids.len());
+    let message = format!("{} accepted", super::events(event_ids.len()));
     Ok(Json(Accepted { status: "accepted", message, event_ids }))
 }
 

@@ -17,6 +17,9 @@ async fn health_reports_dependencies() {
     let (status, body) = app.get("/api/v1/events/frontend/health").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, json!({"status": "healthy", "service": "frontend-event-collection", "nats_connected": true}));
+    let document = app.http.get(app.url("/openapi.yaml")).send().await.unwrap();
+    assert_eq!(document.status(), StatusCode::OK);
+    assert!(document.text().await.unwrap().starts_with("openapi: 3.1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,6 +55,8 @@ async fn create_answers_the_stored_event() {
     assert_eq!(stored["stream_version"], 1);
     assert_eq!(stored["subject"], "events.backend.user_lifecycle.user.registered");
     assert!(stored["stream_seq"].as_i64().unwrap() >= 1);
+    // The answer shows the times PostgreSQL keeps (microseconds), not finer ones.
+    assert_eq!((&stored["timestamp"], &stored["created_at"]), (&created["timestamp"], &created["created_at"]));
 
     // The announcement for other services.
     let stream = app.js.get_stream("EVENT_SERVICE").await.unwrap();
