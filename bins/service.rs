@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use event_service::local::{LocalNats, LocalPostgres};
-use event_service::settings::{DatabaseArgs, GatewayArgs, LogArgs, NatsArgs, PersisterArgs};
+use event_service::settings::{DatabaseArgs, GatewayArgs, LogArgs, NatsArgs, PersisterArgs, ProcessorArgs};
 use event_service::{service, shutdown, telemetry};
 
 #[derive(Parser)]
@@ -20,6 +20,8 @@ struct Args {
     gateway: GatewayArgs,
     #[command(flatten)]
     persister: PersisterArgs,
+    #[command(flatten)]
+    processor: ProcessorArgs,
     #[command(flatten)]
     log: LogArgs,
     /// Where the private servers keep their data when no URLs are given.
@@ -40,7 +42,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     telemetry::init(&args.log.format);
     let token = shutdown::on_signal();
 
@@ -83,8 +85,13 @@ async fn main() -> anyhow::Result<()> {
     if local_nats.is_some() || local_postgres.is_some() {
         println!("  data folder  {}", data_dir.display());
     }
+    if local_nats.is_some() && args.processor.callbacks.allowed_nets.is_empty() {
+        // The local run: webhooks to services on this machine are the point.
+        args.processor.callbacks.allowed_nets = vec!["127.0.0.0/8".parse()?, "::1/128".parse()?];
+        println!("  callbacks    may reach loopback (local run; set EVENT_CALLBACK_ALLOWED_NETS to change)");
+    }
     println!("Ctrl-C stops everything.");
-    service::run_all(bus, pool, listener, &args.gateway, &args.persister, token).await?;
+    service::run_all(bus, pool, listener, &args.gateway, &args.persister, &args.processor, token).await?;
     drop(local_postgres);
     drop(local_nats);
     Ok(())

@@ -32,8 +32,13 @@ const STREAM_FILES: &[(&str, &str)] = &[
     ("EVENTS", include_str!("../jetstream/streams/EVENTS.json")),
     ("EVENT_SERVICE", include_str!("../jetstream/streams/EVENT_SERVICE.json")),
     ("DEADLETTER", include_str!("../jetstream/streams/DEADLETTER.json")),
+    ("JOBS", include_str!("../jetstream/streams/JOBS.json")),
 ];
-const CONSUMER_FILES: &[(&str, &str)] = &[("persister", include_str!("../jetstream/consumers/persister.json"))];
+const CONSUMER_FILES: &[(&str, &str)] = &[
+    ("persister", include_str!("../jetstream/consumers/persister.json")),
+    ("processor", include_str!("../jetstream/consumers/processor.json")),
+    ("replayer", include_str!("../jetstream/consumers/replayer.json")),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {

@@ -14,11 +14,15 @@
 //! - [`db`] and [`store`]: the PostgreSQL pool, migrations (`migrations/`) and queries.
 //! - [`gateway`]: the HTTP API.
 //! - [`persister`]: the stage that stores events.
+//! - [`processors`] (the registry), [`processing`] (running and recording) and
+//!   [`processor`] (the stage): event processing. [`replay`]: replay jobs.
+//! - [`callback`]: the guard and HTTP client for outgoing callbacks.
 //! - [`service`]: running stages together.
 //! - [`local`]: private nats-server and PostgreSQL for the local run and the tests.
 //! - [`settings`], [`telemetry`], [`shutdown`]: what every binary needs.
 
 pub mod bus;
+pub mod callback;
 pub mod consume;
 pub mod db;
 pub mod gateway;
@@ -26,6 +30,10 @@ pub mod ingest;
 pub mod local;
 pub mod model;
 pub mod persister;
+pub mod processing;
+pub mod processor;
+pub mod processors;
+pub mod replay;
 pub mod service;
 pub mod settings;
 pub mod shutdown;

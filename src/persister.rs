@@ -534,6 +534,19 @@ impl<'a> StoredAnnouncement<'a> {
 /// from NATS-native producers may leave out what the subject already says (source, category,
 /// type) and the id (then `Nats-Msg-Id`, or a stable id from the stream position).
 fn decode(envelope: &Envelope<'_>) -> Result<Incoming, Rejection> {
+    decode_message(envelope.subject, envelope.headers, envelope.payload, envelope.seq, envelope.published)
+}
+
+/// [`decode`] for any stage that reads EVENTS: the message's subject, headers, payload,
+/// stream sequence and publish time.
+pub fn decode_message(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+    seq: u64,
+    published: DateTime<Utc>,
+) -> Result<Incoming, Rejection> {
+    let envelope = DecodeInput { subject, headers, payload, seq, published };
     let value: Value = serde_json::from_slice(envelope.payload)
         .map_err(|error| Rejection { code: "invalid_json", detail: format!("payload is not JSON: {error}") })?;
     let (source, category, event_type) = subject::parse_event_subject(envelope.subject)
@@ -568,6 +581,14 @@ fn decode(envelope: &Envelope<'_>) -> Result<Incoming, Rejection> {
         Rejection { code: "validation_failed", detail }
     })?;
     Ok(Incoming { event, stream_seq: envelope.seq, subject: envelope.subject.to_owned() })
+}
+
+struct DecodeInput<'a> {
+    subject: &'a str,
+    headers: Option<&'a HeaderMap>,
+    payload: &'a [u8],
+    seq: u64,
+    published: DateTime<Utc>,
 }
 
 /// A time-ordered id that is the same on every redelivery of the message.

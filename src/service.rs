@@ -12,7 +12,9 @@ use crate::bus::Bus;
 use crate::db;
 use crate::gateway::Gateway;
 use crate::persister::Persister;
-use crate::settings::{DatabaseArgs, GatewayArgs, NatsArgs, PersisterArgs};
+use crate::processor::{Engine, ProcessorStage};
+use crate::replay::Replayer;
+use crate::settings::{DatabaseArgs, GatewayArgs, NatsArgs, PersisterArgs, ProcessorArgs};
 
 /// Connects to NATS and PostgreSQL and brings the topology and schema up to date.
 pub async fn connect_and_set_up(
@@ -29,17 +31,46 @@ pub async fn connect_and_set_up(
     Ok((bus, pool))
 }
 
-/// The gateway and the persister in one process, until `token` is cancelled or one fails.
+/// The processor stage and the replayer, sharing one registry, until `token` is cancelled or
+/// one fails.
+pub async fn run_processing(
+    bus: Bus,
+    pool: PgPool,
+    settings: &ProcessorArgs,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let engine = Engine::build(&bus, &pool, settings).await?;
+    let stage = ProcessorStage::build(bus.clone(), pool.clone(), engine.clone(), settings).await?;
+    let replayer = Replayer::build(bus.clone(), pool, engine, token.clone()).await?;
+    let (processed, replayed) = tokio::join!(
+        cancel_all_when_done(stage.run(token.clone()), &token),
+        cancel_all_when_done(replayer.run(token.clone()), &token),
+    );
+    processed.and(replayed)
+}
+
+async fn cancel_all_when_done(
+    stage: impl std::future::Future<Output = anyhow::Result<()>>,
+    token: &CancellationToken,
+) -> anyhow::Result<()> {
+    let result = stage.await;
+    token.cancel();
+    result
+}
+
+/// Every stage in one process, until `token` is cancelled or one fails.
 pub async fn run_all(
     bus: Bus,
     pool: PgPool,
     listener: TcpListener,
     gateway: &GatewayArgs,
     persister: &PersisterArgs,
+    processor: &ProcessorArgs,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
     let gateway = Gateway::build(bus.clone(), pool.clone(), gateway, token.clone()).await?;
     let persister = Persister::build(bus.clone(), pool.clone(), persister).await?;
+    let processing = cancel_all_when_done(run_processing(bus.clone(), pool.clone(), processor, token.clone()), &token);
     let http = {
         let token = token.clone();
         async move {
@@ -56,10 +87,10 @@ pub async fn run_all(
             result
         }
     };
-    let (http, store) = tokio::join!(http, store);
+    let (http, store, processing) = tokio::join!(http, store, processing);
     // The NATS client flushes last, so every ack and publish above leaves the process.
     if let Err(error) = bus.client().flush().await {
         tracing::warn!(error = %error, "nats flush failed at shutdown");
     }
-    http.and(store)
+    http.and(store).and(processing)
 }

@@ -78,6 +78,47 @@ pub struct PersisterArgs {
     pub batch_size: usize,
 }
 
+/// Outgoing callbacks (webhook processors, subscriptions): which addresses they may reach.
+#[derive(Debug, Clone, Default, Args)]
+pub struct CallbackArgs {
+    /// Refuse callbacks to private addresses (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7).
+    /// Loopback, link-local, metadata and multicast addresses are always refused.
+    #[arg(long = "callback-deny-private", env = "EVENT_CALLBACK_DENY_PRIVATE", default_value_t = false)]
+    pub deny_private: bool,
+    /// Comma-separated CIDRs callbacks may reach anyway (e.g. `127.0.0.0/8` for a local run).
+    #[arg(long = "callback-allowed-nets", env = "EVENT_CALLBACK_ALLOWED_NETS", value_delimiter = ',')]
+    pub allowed_nets: Vec<ipnet::IpNet>,
+}
+
+/// The processor stage.
+#[derive(Debug, Clone, Args)]
+pub struct ProcessorArgs {
+    /// Most events handled in one batch.
+    #[arg(long = "processor-batch", env = "EVENT_PROCESSOR_BATCH", default_value_t = 256)]
+    pub batch_size: usize,
+    /// Most events whose processors run at the same time (events of one entity stream run
+    /// one after another).
+    #[arg(long = "processor-concurrency", env = "EVENT_PROCESSOR_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+    /// Delay before the first retry of a failed processor, in milliseconds; it doubles with
+    /// each attempt.
+    #[arg(long = "processor-retry-delay-ms", env = "EVENT_PROCESSOR_RETRY_DELAY_MS", default_value_t = 1000)]
+    pub retry_delay_ms: u64,
+    /// Longest delay between retries, in milliseconds.
+    #[arg(long = "processor-retry-max-delay-ms", env = "EVENT_PROCESSOR_RETRY_MAX_DELAY_MS", default_value_t = 60_000)]
+    pub retry_max_delay_ms: u64,
+    #[command(flatten)]
+    pub callbacks: CallbackArgs,
+}
+
+impl ProcessorArgs {
+    /// The delay before retry number `attempt` (1 = the first retry).
+    pub fn retry_delay(&self, attempt: u32) -> Duration {
+        let factor = 2u64.saturating_pow(attempt.saturating_sub(1).min(32));
+        Duration::from_millis(self.retry_delay_ms.saturating_mul(factor).min(self.retry_max_delay_ms))
+    }
+}
+
 /// Logging.
 #[derive(Debug, Clone, Args)]
 pub struct LogArgs {

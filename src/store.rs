@@ -364,7 +364,32 @@ pub struct StoredEvent {
     pub updated_at: DateTime<Utc>,
 }
 
-const EVENT_COLUMNS: &str = "event_id, event_type, event_source, event_category, user_id, session_id, \
+impl StoredEvent {
+    /// The event as it travels on `events.>` (what processors receive).
+    pub fn to_event(&self) -> Event {
+        let object = |value: &Value| value.as_object().cloned().unwrap_or_default();
+        Event {
+            event_id: self.event_id,
+            event_type: self.event_type.clone(),
+            event_source: EventSource::parse(&self.event_source).unwrap_or(EventSource::Backend),
+            event_category: EventCategory::parse(&self.event_category).unwrap_or(EventCategory::UserAction),
+            user_id: self.user_id.clone(),
+            session_id: self.session_id.clone(),
+            organization_id: self.organization_id.clone(),
+            device_id: self.device_id.clone(),
+            correlation_id: self.correlation_id.clone(),
+            data: object(&self.data),
+            metadata: object(&self.metadata),
+            context: object(&self.context),
+            properties: object(&self.properties),
+            stream_id: self.stream_id.clone(),
+            timestamp: self.timestamp,
+            created_at: self.created_at,
+        }
+    }
+}
+
+pub(crate) const EVENT_COLUMNS: &str = "event_id, event_type, event_source, event_category, user_id, session_id, \
     organization_id, device_id, correlation_id, data, metadata, context, properties, status, processors, \
     retry_count, error_message, processed_at, stream_id, stream_version, stream_seq, subject, \"timestamp\", \
     created_at, stored_at, updated_at";

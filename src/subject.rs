@@ -8,6 +8,23 @@
 pub const EVENTS_WILDCARD: &str = "events.>";
 /// The service's own domain event announcing a stored event.
 pub const EVENT_STORED: &str = "event.stored";
+/// Domain events of the processor stage and of replays.
+pub const EVENT_PROCESSED_SUCCESS: &str = "event.processed.success";
+pub const EVENT_PROCESSED_FAILED: &str = "event.processed.failed";
+pub const EVENT_REPLAY_STARTED: &str = "event.replay.started";
+pub const EVENT_REPLAY_COMPLETED: &str = "event.replay.completed";
+/// Replay jobs (stream JOBS).
+pub const REPLAY_JOBS: &str = "jobs.replay";
+/// Core NATS: the processor registry changed, workers reload it.
+pub const PROCESSORS_CHANGED: &str = "_EVSVC.processors.changed";
+
+/// Where a replay republishes an event for `target_service`.
+pub fn replay_subject(target_service: &str, source: &str, category: &str, event_type: &str) -> String {
+    let tail = event_subject(source, category, event_type);
+    let tail = tail.strip_prefix("events.").unwrap_or(&tail);
+    format!("replay.{}.{tail}", sanitize_token(target_service))
+}
+
 /// Prefix of the core-NATS subjects on which the persister tells a gateway that the events it
 /// waits for are stored (read-your-writes). Deliberately outside every stream.
 const STORED_NOTIFY_PREFIX: &str = "_EVSVC.stored";

@@ -22,8 +22,8 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("event too large: {0}")]
     EventTooLarge(String),
-    #[error("conflict: {0}")]
-    Conflict(String),
+    #[error("conflict: {detail}")]
+    Conflict { code: &'static str, detail: String },
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("bad request: {0}")]
@@ -71,7 +71,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "The request body is too large".to_owned(), None)
             }
             ApiError::EventTooLarge(detail) => (StatusCode::PAYLOAD_TOO_LARGE, "event_too_large", detail.clone(), None),
-            ApiError::Conflict(detail) => (StatusCode::CONFLICT, "duplicate_event_id", detail.clone(), None),
+            ApiError::Conflict { code, detail } => (StatusCode::CONFLICT, *code, detail.clone(), None),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

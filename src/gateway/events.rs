@@ -119,11 +119,12 @@ async fn publish_new(state: &AppState, mut messages: Vec<(Uuid, Outgoing)>) -> R
         }
         if stored.is_empty() && tokio::time::Instant::now() >= deadline {
             tracing::warn!(%error, "batch holds event ids JetStream has but PostgreSQL does not have yet");
-            return Err(ApiError::Conflict(
-                "Some events of this batch were accepted before and are not stored yet; nothing new was \
-                 accepted. Retry the same batch later."
+            return Err(ApiError::Conflict {
+                code: "duplicate_event_id",
+                detail: "Some events of this batch were accepted before and are not stored yet; nothing new was \
+                         accepted. Retry the same batch later."
                     .to_owned(),
-            ));
+            });
         }
         if stored.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;

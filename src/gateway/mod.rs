@@ -10,6 +10,8 @@ mod events;
 mod extract;
 mod frontend;
 mod health;
+mod processors;
+mod replay;
 mod rudderstack;
 mod waiters;
 
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -101,6 +103,11 @@ pub fn router(state: AppState, settings: &GatewayArgs) -> Router {
         .route("/api/v1/events/query", post(events::query).layer(single))
         .route("/api/v1/events/statistics", get(events::statistics))
         .route("/api/v1/events/{event_id}", get(events::get_event))
+        .route("/api/v1/events/processors", get(processors::list).post(processors::register).layer(single))
+        .route("/api/v1/events/processors/{processor_id}", get(processors::get).delete(processors::delete))
+        .route("/api/v1/events/processors/{processor_id}/toggle", put(processors::toggle))
+        .route("/api/v1/events/replay", post(replay::start).layer(single))
+        .route("/api/v1/events/replay/{replay_id}", get(replay::status))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     let public = Router::new()
         .route("/health", get(health::health))

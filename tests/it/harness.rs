@@ -10,7 +10,7 @@ use event_service::gateway::Gateway;
 use event_service::local::{LocalNats, LocalPostgres};
 use event_service::persister::Persister;
 use event_service::service;
-use event_service::settings::{DatabaseArgs, GatewayArgs, NatsArgs, PersisterArgs};
+use event_service::settings::{CallbackArgs, DatabaseArgs, GatewayArgs, NatsArgs, PersisterArgs, ProcessorArgs};
 use reqwest::StatusCode;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub fn init_logs() {
+    event_service::callback::install_crypto_provider();
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         if std::env::var_os("TEST_LOG").is_some() {
@@ -88,6 +89,8 @@ pub struct Options {
     pub start_persister: bool,
     pub database_url: Option<String>,
     pub max_batch_events: u16,
+    /// Processor workers to start with the app.
+    pub processors: usize,
 }
 
 impl Default for Options {
@@ -99,6 +102,7 @@ impl Default for Options {
             start_persister: true,
             database_url: None,
             max_batch_events: 1000,
+            processors: 0,
         }
     }
 }
@@ -112,6 +116,7 @@ pub struct TestApp {
     service_pool: PgPool,
     token: CancellationToken,
     persister: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+    processors: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     pub nats_server: LocalNats,
     _dir: tempfile::TempDir,
 }
@@ -166,13 +171,28 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         service_pool,
         token,
         persister: None,
+        processors: Vec::new(),
         nats_server,
         _dir: dir,
     };
     if options.start_persister {
         app.start_persister().await;
     }
+    for _ in 0..options.processors {
+        app.start_processor().await;
+    }
     app
+}
+
+/// Processor settings for tests: retries after milliseconds, callbacks to loopback allowed.
+pub fn processor_args() -> ProcessorArgs {
+    ProcessorArgs {
+        batch_size: 64,
+        concurrency: 16,
+        retry_delay_ms: 20,
+        retry_max_delay_ms: 200,
+        callbacks: CallbackArgs { deny_private: false, allowed_nets: vec!["127.0.0.0/8".parse().expect("net")] },
+    }
 }
 
 impl TestApp {
@@ -185,6 +205,48 @@ impl TestApp {
                 .expect("persister");
         let handle = tokio::spawn(persister.run(token.clone()));
         self.persister = Some((token, handle));
+    }
+
+    /// The service's own NATS connection, for subscribing and serving in tests.
+    pub fn bus_client(&self) -> &async_nats::Client {
+        self.bus.client()
+    }
+
+    /// Starts one more processor worker (processor stage and replayer).
+    pub async fn start_processor(&mut self) {
+        let token = self.token.child_token();
+        let (bus, pool, worker_token) = (self.bus.clone(), self.service_pool.clone(), token.clone());
+        let handle =
+            tokio::spawn(async move { service::run_processing(bus, pool, &processor_args(), worker_token).await });
+        self.processors.push((token, handle));
+        // The worker subscribes to registry changes as it starts.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// Stops every processor worker gracefully.
+    pub async fn stop_processors(&mut self) {
+        for (token, handle) in self.processors.drain(..) {
+            token.cancel();
+            handle.await.expect("join").expect("processor result");
+        }
+    }
+
+    /// Waits until the event has one of `statuses`; returns the stored event.
+    pub async fn wait_for_status(&self, event_id: &str, statuses: &[&str]) -> Value {
+        let path = format!("/api/v1/events/{event_id}");
+        wait_until(Duration::from_secs(15), || async {
+            let (status, event) = self.get(&path).await;
+            (status == StatusCode::OK && statuses.contains(&event["status"].as_str().unwrap_or(""))).then_some(event)
+        })
+        .await
+        .unwrap_or_else(|| panic!("event {event_id} did not reach {statuses:?}"))
+    }
+
+    /// Creates an event over HTTP and returns its id.
+    pub async fn create(&self, body: Value) -> String {
+        let (status, created) = self.post("/api/v1/events/create", &body).await;
+        assert!(status.is_success(), "create: {status} {created}");
+        created["event_id"].as_str().expect("event_id").to_owned()
     }
 
     /// A crash: the persister vanishes mid-batch, acking nothing more.

@@ -4,7 +4,10 @@
 //! Set TEST_LOG=1 to see the service's logs.
 
 mod harness;
+mod receiver;
 
 mod api;
 mod ingest;
+mod processing;
+mod replay;
 mod resilience;
