@@ -96,3 +96,13 @@ async fn main() -> anyhow::Result<()> {
     drop(local_nats);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn settings_parse_without_clashes() {
+        super::Args::command().debug_assert();
+    }
+}

@@ -329,6 +329,7 @@ async fn change_statuses(
 ) -> Result<std::collections::HashSet<Uuid>, sqlx::Error> {
     let mut changes: Vec<&StatusChange> = changes.iter().collect();
     changes.sort_by_key(|change| change.event_id);
+    crate::store::lock_rollups(tx).await?;
     let found: Vec<Uuid> = sqlx::query_scalar(
         "WITH input AS ( \
              SELECT * FROM jsonb_to_recordset($1) AS i(event_id uuid, status text, processors text[], \

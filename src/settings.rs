@@ -94,7 +94,7 @@ pub struct CallbackArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ProcessorArgs {
     /// Most events handled in one batch.
-    #[arg(long = "processor-batch", env = "EVENT_PROCESSOR_BATCH", default_value_t = 256)]
+    #[arg(id = "processor_batch", long = "processor-batch", env = "EVENT_PROCESSOR_BATCH", default_value_t = 256)]
     pub batch_size: usize,
     /// Most events whose processors run at the same time (events of one entity stream run
     /// one after another).

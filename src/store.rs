@@ -252,8 +252,19 @@ async fn insert_events(
     Ok(result.rows_affected())
 }
 
+/// Every transaction that moves rollup counts takes this lock first (the persister adding
+/// events, the processor moving statuses). The rows of a data-modifying statement are locked
+/// in no fixed order, so without it two such transactions can deadlock on the shared counter
+/// rows; they would wait for each other on those rows anyway.
+pub(crate) async fn lock_rollups(tx: &mut sqlx::Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+    const ROLLUPS_LOCK: i64 = 0x6576_5f72_6f6c_6c75;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(ROLLUPS_LOCK).execute(&mut **tx).await?;
+    Ok(())
+}
+
 /// Adds the fresh events to every rollup, in one statement.
 async fn update_rollups(tx: &mut sqlx::Transaction<'_, Postgres>, fresh: &[&Incoming]) -> Result<(), sqlx::Error> {
+    lock_rollups(tx).await?;
     type DayKey<'a> = (NaiveDate, &'a str, &'a str, &'a str);
     let mut daily: BTreeMap<DayKey, i64> = BTreeMap::new();
     let mut user_daily: BTreeMap<(&str, DayKey), i64> = BTreeMap::new();

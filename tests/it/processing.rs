@@ -348,3 +348,21 @@ async fn the_status_write_waits_for_the_persister() {
     assert_eq!(event["processors"], json!(["early"]));
     assert_eq!(hooks.paths_for(&id), ["early"], "the processor ran once; only the status write waited");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_processors_show_their_events_as_processing() {
+    let app = spawn_app_with(Options { processors: 1, ..Options::default() }).await;
+    let hooks = Receiver::start().await;
+    register(
+        &app,
+        json!({"processor_name": "slowpoke", "processor_type": "webhook", "config": {"url": hooks.url("slow")}}),
+    )
+    .await;
+    let id = app.create(json!({"event_type": "report.requested", "user_id": "analyst"})).await;
+    app.wait_for_status(&id, &["processing"]).await;
+    let (_, stats) = app.get("/api/v1/events/statistics?user_id=analyst").await;
+    assert_eq!((stats["processing_events"].as_i64(), stats["pending_events"].as_i64()), (Some(1), Some(0)));
+    app.wait_for_status(&id, &["processed"]).await;
+    let (_, stats) = app.get("/api/v1/events/statistics?user_id=analyst").await;
+    assert_eq!((stats["processing_events"].as_i64(), stats["processed_events"].as_i64()), (Some(0), Some(1)));
+}

@@ -1,5 +1,6 @@
 //! An in-process HTTP receiver for webhook tests: records every request and answers with the
-//! status a test scripts per path and call number.
+//! status a test scripts per path and call number. Paths starting with `slow` answer after
+//! 800 ms.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -75,5 +76,8 @@ async fn record(State(shared): State<Shared>, Path(path): Path<String>, headers:
     };
     let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     shared.received.lock().unwrap().push(Received { path: path.clone(), headers, body, raw });
+    if path.starts_with("slow") {
+        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    }
     (shared.script)(&path, call)
 }
