@@ -1,7 +1,7 @@
 //! `event-processor`: runs the registered processors on EVENTS, and replay jobs.
 
 use clap::Parser;
-use event_service::settings::{self, DatabaseArgs, LogArgs, NatsArgs, ProcessorArgs};
+use event_service::settings::{self, CallbackArgs, DatabaseArgs, LogArgs, NatsArgs, ProcessorArgs};
 use event_service::{service, shutdown, telemetry};
 
 #[derive(Parser)]
@@ -13,6 +13,8 @@ struct Args {
     database: DatabaseArgs,
     #[command(flatten)]
     processor: ProcessorArgs,
+    #[command(flatten)]
+    callbacks: CallbackArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -26,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
     let database_url = settings::required(&args.database.database_url, "DATABASE_URL")?;
     let (bus, pool) =
         service::connect_and_set_up(nats_url, &args.nats, database_url, &args.database, "event-processor").await?;
-    service::run_processing(bus.clone(), pool, &args.processor, token).await?;
+    service::run_processing(bus.clone(), pool, &args.processor, &args.callbacks, token).await?;
     bus.client().flush().await?;
     Ok(())
 }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use event_service::local::{LocalNats, LocalPostgres};
-use event_service::settings::{DatabaseArgs, GatewayArgs, LogArgs, NatsArgs, PersisterArgs, ProcessorArgs};
+use event_service::settings::{
+    CallbackArgs, DatabaseArgs, DispatcherArgs, GatewayArgs, LogArgs, NatsArgs, PersisterArgs, ProcessorArgs,
+};
 use event_service::{service, shutdown, telemetry};
 
 #[derive(Parser)]
@@ -22,6 +24,10 @@ struct Args {
     persister: PersisterArgs,
     #[command(flatten)]
     processor: ProcessorArgs,
+    #[command(flatten)]
+    dispatcher: DispatcherArgs,
+    #[command(flatten)]
+    callbacks: CallbackArgs,
     #[command(flatten)]
     log: LogArgs,
     /// Where the private servers keep their data when no URLs are given.
@@ -85,13 +91,20 @@ async fn main() -> anyhow::Result<()> {
     if local_nats.is_some() || local_postgres.is_some() {
         println!("  data folder  {}", data_dir.display());
     }
-    if local_nats.is_some() && args.processor.callbacks.allowed_nets.is_empty() {
+    if local_nats.is_some() && args.callbacks.allowed_nets.is_empty() {
         // The local run: webhooks to services on this machine are the point.
-        args.processor.callbacks.allowed_nets = vec!["127.0.0.0/8".parse()?, "::1/128".parse()?];
+        args.callbacks.allowed_nets = vec!["127.0.0.0/8".parse()?, "::1/128".parse()?];
         println!("  callbacks    may reach loopback (local run; set EVENT_CALLBACK_ALLOWED_NETS to change)");
     }
     println!("Ctrl-C stops everything.");
-    service::run_all(bus, pool, listener, &args.gateway, &args.persister, &args.processor, token).await?;
+    let stages = service::AllStages {
+        gateway: &args.gateway,
+        persister: &args.persister,
+        processor: &args.processor,
+        dispatcher: &args.dispatcher,
+        callbacks: &args.callbacks,
+    };
+    service::run_all(bus, pool, listener, stages, token).await?;
     drop(local_postgres);
     drop(local_nats);
     Ok(())

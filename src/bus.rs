@@ -33,11 +33,14 @@ const STREAM_FILES: &[(&str, &str)] = &[
     ("EVENT_SERVICE", include_str!("../jetstream/streams/EVENT_SERVICE.json")),
     ("DEADLETTER", include_str!("../jetstream/streams/DEADLETTER.json")),
     ("JOBS", include_str!("../jetstream/streams/JOBS.json")),
+    ("DELIVERIES", include_str!("../jetstream/streams/DELIVERIES.json")),
 ];
 const CONSUMER_FILES: &[(&str, &str)] = &[
     ("persister", include_str!("../jetstream/consumers/persister.json")),
     ("processor", include_str!("../jetstream/consumers/processor.json")),
     ("replayer", include_str!("../jetstream/consumers/replayer.json")),
+    ("dispatcher", include_str!("../jetstream/consumers/dispatcher.json")),
+    ("sender", include_str!("../jetstream/consumers/sender.json")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -218,21 +221,24 @@ impl Bus {
     }
 
     /// Publishes many messages with their PubAcks in flight together (not atomic: each one
-    /// is stored or not on its own). Results are in input order.
+    /// is stored or not on its own). Results are in input order. At most
+    /// [`PUBLISH_WINDOW`] acks are awaited at once: the client holds a limited number of
+    /// in-flight acks, and a caller that sent more before awaiting any would wait forever.
     pub async fn publish_all(&self, messages: Vec<Outgoing>) -> Vec<Result<Stored, BusError>> {
-        let mut pending = Vec::with_capacity(messages.len());
+        let mut results = Vec::with_capacity(messages.len());
+        let mut pending = std::collections::VecDeque::with_capacity(PUBLISH_WINDOW.min(messages.len()));
         for message in messages {
-            pending.push(self.jetstream.publish_with_headers(message.subject, message.headers, message.payload).await);
+            if pending.len() >= PUBLISH_WINDOW
+                && let Some(sent) = pending.pop_front()
+            {
+                results.push(settle(sent).await);
+            }
+            pending.push_back(
+                self.jetstream.publish_with_headers(message.subject, message.headers, message.payload).await,
+            );
         }
-        let mut results = Vec::with_capacity(pending.len());
         for sent in pending {
-            results.push(match sent {
-                Ok(ack) => ack
-                    .await
-                    .map(|ack| Stored { sequence: ack.sequence, duplicate: ack.duplicate })
-                    .map_err(BusError::from),
-                Err(error) => Err(error.into()),
-            });
+            results.push(settle(sent).await);
         }
         results
     }
@@ -276,6 +282,16 @@ impl Bus {
         self.client.publish(subject, payload).await?;
         Ok(())
     }
+}
+
+/// Most PubAcks [`Bus::publish_all`] waits for at once (the client allows 5 000).
+pub const PUBLISH_WINDOW: usize = 1000;
+
+async fn settle(
+    sent: Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>,
+) -> Result<Stored, BusError> {
+    let ack = sent?.await?;
+    Ok(Stored { sequence: ack.sequence, duplicate: ack.duplicate })
 }
 
 /// The committed batch.

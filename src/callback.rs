@@ -1,4 +1,4 @@
-//! Outgoing HTTP callbacks (webhook processors, and subscriptions later): the one guard every
+//! Outgoing HTTP callbacks (webhook processors and subscription deliveries): the one guard every
 //! callback URL passes, the HTTP client that enforces it, and Standard Webhooks signing.
 //!
 //! Reads callback settings; writes nothing. Guarantees:
@@ -103,6 +103,25 @@ impl Guard {
             None => Err(CallbackError::NoHost),
             Some(Host::Name(_)) => Ok(()),
             Some(Host::Ip(ip)) => self.check_address(ip),
+        }
+    }
+
+    /// [`Guard::check_delivery`], resolving a host name and checking every address, so that a
+    /// refusal can be told apart from a connection failure. The client's resolver checks
+    /// again when it connects (a name may resolve differently the second time).
+    pub async fn check_resolved(&self, url: &reqwest::Url) -> Result<(), CallbackError> {
+        match host(url) {
+            None => Err(CallbackError::NoHost),
+            Some(Host::Ip(ip)) => self.check_address(ip),
+            Some(Host::Name(name)) => {
+                let port = url.port_or_known_default().unwrap_or(80);
+                // A name that does not resolve is a connection problem, reported by the client.
+                let Ok(addresses) = tokio::net::lookup_host((name, port)).await else { return Ok(()) };
+                for address in addresses {
+                    self.check_address(address.ip())?;
+                }
+                Ok(())
+            }
         }
     }
 

@@ -16,6 +16,7 @@
 //! - [`persister`]: the stage that stores events.
 //! - [`processors`] (the registry), [`processing`] (running and recording) and
 //!   [`processor`] (the stage): event processing. [`replay`]: replay jobs.
+//! - [`subscriptions`] and [`dispatcher`]: subscriptions and their webhook deliveries.
 //! - [`callback`]: the guard and HTTP client for outgoing callbacks.
 //! - [`service`]: running stages together.
 //! - [`local`]: private nats-server and PostgreSQL for the local run and the tests.
@@ -25,6 +26,7 @@ pub mod bus;
 pub mod callback;
 pub mod consume;
 pub mod db;
+pub mod dispatcher;
 pub mod gateway;
 pub mod ingest;
 pub mod local;
@@ -39,4 +41,5 @@ pub mod settings;
 pub mod shutdown;
 pub mod store;
 pub mod subject;
+pub mod subscriptions;
 pub mod telemetry;

@@ -241,13 +241,26 @@ pub struct Prior {
     pub succeeded: bool,
     pub exhausted: bool,
     pub failures: i32,
+    /// The message of the latest failed attempt.
+    pub last_error: Option<String>,
 }
 
 /// Earlier live-run results of these events, keyed by (event, processor name).
 pub async fn prior_results(pool: &PgPool, event_ids: &[Uuid]) -> Result<HashMap<(Uuid, String), Prior>, sqlx::Error> {
-    let rows: Vec<(Uuid, String, bool, bool, i64)> = sqlx::query_as(
-        "SELECT event_id, processor_name, bool_or(status = 'success'), bool_or(status = 'failed'), \
-                count(*) FILTER (WHERE status IN ('retry', 'failed')) \
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        event_id: Uuid,
+        processor_name: String,
+        succeeded: bool,
+        exhausted: bool,
+        failures: i64,
+        last_error: Option<String>,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT event_id, processor_name, bool_or(status = 'success') AS succeeded, \
+                bool_or(status = 'failed') AS exhausted, \
+                count(*) FILTER (WHERE status IN ('retry', 'failed')) AS failures, \
+                (array_agg(message ORDER BY attempt DESC) FILTER (WHERE status IN ('retry', 'failed')))[1] AS last_error \
          FROM event.processing_results WHERE run_id = '' AND event_id = ANY($1) GROUP BY 1, 2",
     )
     .bind(event_ids)
@@ -255,8 +268,14 @@ pub async fn prior_results(pool: &PgPool, event_ids: &[Uuid]) -> Result<HashMap<
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(event_id, name, succeeded, exhausted, failures)| {
-            ((event_id, name), Prior { succeeded, exhausted, failures: failures as i32 })
+        .map(|row| {
+            let prior = Prior {
+                succeeded: row.succeeded,
+                exhausted: row.exhausted,
+                failures: row.failures as i32,
+                last_error: row.last_error,
+            };
+            ((row.event_id, row.processor_name), prior)
         })
         .collect())
 }

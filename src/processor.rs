@@ -34,7 +34,7 @@ use crate::model::Event;
 use crate::persister::decode_message;
 use crate::processing::{self, Prior, ResultStatus, RunResult, Runner, StatusChange};
 use crate::processors::{Registry, Runnable};
-use crate::settings::ProcessorArgs;
+use crate::settings::{CallbackArgs, ProcessorArgs};
 
 pub const STAGE: &str = "processor";
 const STREAM: &str = "EVENTS";
@@ -62,8 +62,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub async fn build(bus: &Bus, pool: &PgPool, settings: &ProcessorArgs) -> Result<Arc<Self>, ProcessorError> {
-        let guard = crate::callback::Guard::new(&settings.callbacks);
+    pub async fn build(bus: &Bus, pool: &PgPool, callbacks: &CallbackArgs) -> Result<Arc<Self>, ProcessorError> {
+        let guard = crate::callback::Guard::new(callbacks);
         let registry = Registry::load(pool.clone(), guard.clone()).await?;
         let runner = Arc::new(Runner::new(bus.clone(), guard)?);
         Ok(Arc::new(Self { registry, runner }))
@@ -122,7 +122,9 @@ struct Work {
     /// Processors that match: the ones already succeeded, and the ones exhausted earlier.
     matching: Vec<Arc<Runnable>>,
     succeeded_before: Vec<String>,
-    exhausted_before: Vec<String>,
+    /// Processors that used up their retries on an earlier delivery, with their failures
+    /// and last error.
+    exhausted_before: Vec<(String, i32, Option<String>)>,
 }
 
 impl BatchHandler for Handler {
@@ -174,7 +176,9 @@ impl BatchHandler for Handler {
                     prior.get(&(item.event.event_id, runnable.name().to_owned())).cloned().unwrap_or_default();
                 match earlier {
                     Prior { succeeded: true, .. } => item.succeeded_before.push(runnable.name().to_owned()),
-                    Prior { exhausted: true, .. } => item.exhausted_before.push(runnable.name().to_owned()),
+                    Prior { exhausted: true, failures, last_error, .. } => {
+                        item.exhausted_before.push((runnable.name().to_owned(), failures, last_error))
+                    }
                     Prior { failures, .. } => item.to_run.push((runnable.clone(), failures + 1)),
                 }
             }
@@ -285,12 +289,24 @@ impl Handler {
             .extend(results.iter().filter(|r| r.status == ResultStatus::Success).map(|r| r.processor_name.clone()));
         let retrying: Vec<&&RunResult> = results.iter().filter(|r| r.status == ResultStatus::Retry).collect();
         let failed: Vec<&&RunResult> = results.iter().filter(|r| r.status == ResultStatus::Failed).collect();
-        let retry_count = results.iter().map(|r| r.attempt - 1).max().unwrap_or(0);
+        let earlier = item.exhausted_before.iter();
+        let retry_count = results
+            .iter()
+            .map(|r| r.attempt - 1)
+            .chain(earlier.clone().map(|(_, failures, _)| failures - 1))
+            .max()
+            .unwrap_or(0);
         let last_error = results
             .iter()
             .rev()
             .find(|r| r.status != ResultStatus::Success)
-            .map(|r| format!("{}: {}", r.processor_name, r.message.as_deref().unwrap_or("failed")));
+            .map(|r| format!("{}: {}", r.processor_name, r.message.as_deref().unwrap_or("failed")))
+            .or_else(|| {
+                earlier
+                    .clone()
+                    .last()
+                    .map(|(name, _, error)| format!("{name}: {}", error.as_deref().unwrap_or("failed")))
+            });
         let change = |status: &'static str| StatusChange {
             event_id: item.event.event_id,
             status,
@@ -306,7 +322,7 @@ impl Handler {
             let names: Vec<&str> = failed
                 .iter()
                 .map(|r| r.processor_name.as_str())
-                .chain(item.exhausted_before.iter().map(String::as_str))
+                .chain(item.exhausted_before.iter().map(|(name, _, _)| name.as_str()))
                 .collect();
             let detail = format!(
                 "processors failed after their retries: {}; last error: {}",

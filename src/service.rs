@@ -10,11 +10,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
 use crate::db;
+use crate::dispatcher::Dispatching;
 use crate::gateway::Gateway;
 use crate::persister::Persister;
 use crate::processor::{Engine, ProcessorStage};
 use crate::replay::Replayer;
-use crate::settings::{DatabaseArgs, GatewayArgs, NatsArgs, PersisterArgs, ProcessorArgs};
+use crate::settings::{
+    CallbackArgs, DatabaseArgs, DispatcherArgs, GatewayArgs, NatsArgs, PersisterArgs, ProcessorArgs,
+};
 
 /// Connects to NATS and PostgreSQL and brings the topology and schema up to date.
 pub async fn connect_and_set_up(
@@ -37,9 +40,10 @@ pub async fn run_processing(
     bus: Bus,
     pool: PgPool,
     settings: &ProcessorArgs,
+    callbacks: &CallbackArgs,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
-    let engine = Engine::build(&bus, &pool, settings).await?;
+    let engine = Engine::build(&bus, &pool, callbacks).await?;
     let stage = ProcessorStage::build(bus.clone(), pool.clone(), engine.clone(), settings).await?;
     let replayer = Replayer::build(bus.clone(), pool, engine, token.clone()).await?;
     let (processed, replayed) = tokio::join!(
@@ -47,6 +51,17 @@ pub async fn run_processing(
         cancel_all_when_done(replayer.run(token.clone()), &token),
     );
     processed.and(replayed)
+}
+
+/// The dispatcher and the sender, until `token` is cancelled or one fails.
+pub async fn run_dispatching(
+    bus: Bus,
+    pool: PgPool,
+    settings: &DispatcherArgs,
+    callbacks: &CallbackArgs,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    Dispatching::build(bus, pool, settings, callbacks).await?.run(token).await
 }
 
 async fn cancel_all_when_done(
@@ -58,19 +73,30 @@ async fn cancel_all_when_done(
     result
 }
 
+/// Settings of every stage, for [`run_all`].
+pub struct AllStages<'a> {
+    pub gateway: &'a GatewayArgs,
+    pub persister: &'a PersisterArgs,
+    pub processor: &'a ProcessorArgs,
+    pub dispatcher: &'a DispatcherArgs,
+    pub callbacks: &'a CallbackArgs,
+}
+
 /// Every stage in one process, until `token` is cancelled or one fails.
 pub async fn run_all(
     bus: Bus,
     pool: PgPool,
     listener: TcpListener,
-    gateway: &GatewayArgs,
-    persister: &PersisterArgs,
-    processor: &ProcessorArgs,
+    stages: AllStages<'_>,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
+    let AllStages { gateway, persister, processor, dispatcher, callbacks } = stages;
     let gateway = Gateway::build(bus.clone(), pool.clone(), gateway, token.clone()).await?;
     let persister = Persister::build(bus.clone(), pool.clone(), persister).await?;
-    let processing = cancel_all_when_done(run_processing(bus.clone(), pool.clone(), processor, token.clone()), &token);
+    let processing =
+        cancel_all_when_done(run_processing(bus.clone(), pool.clone(), processor, callbacks, token.clone()), &token);
+    let dispatching =
+        cancel_all_when_done(run_dispatching(bus.clone(), pool.clone(), dispatcher, callbacks, token.clone()), &token);
     let http = {
         let token = token.clone();
         async move {
@@ -87,10 +113,10 @@ pub async fn run_all(
             result
         }
     };
-    let (http, store, processing) = tokio::join!(http, store, processing);
+    let (http, store, processing, dispatching) = tokio::join!(http, store, processing, dispatching);
     // The NATS client flushes last, so every ack and publish above leaves the process.
     if let Err(error) = bus.client().flush().await {
         tracing::warn!(error = %error, "nats flush failed at shutdown");
     }
-    http.and(store).and(processing)
+    http.and(store).and(processing).and(dispatching)
 }

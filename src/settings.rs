@@ -107,8 +107,6 @@ pub struct ProcessorArgs {
     /// Longest delay between retries, in milliseconds.
     #[arg(long = "processor-retry-max-delay-ms", env = "EVENT_PROCESSOR_RETRY_MAX_DELAY_MS", default_value_t = 60_000)]
     pub retry_max_delay_ms: u64,
-    #[command(flatten)]
-    pub callbacks: CallbackArgs,
 }
 
 impl ProcessorArgs {
@@ -117,6 +115,22 @@ impl ProcessorArgs {
         let factor = 2u64.saturating_pow(attempt.saturating_sub(1).min(32));
         Duration::from_millis(self.retry_delay_ms.saturating_mul(factor).min(self.retry_max_delay_ms))
     }
+}
+
+/// The dispatcher stage (EVENTS → DELIVERIES) and the senders (DELIVERIES → webhooks).
+#[derive(Debug, Clone, Args)]
+pub struct DispatcherArgs {
+    /// Most deliveries a sender works on at once.
+    #[arg(long = "sender-concurrency", env = "EVENT_SENDER_CONCURRENCY", default_value_t = 64)]
+    pub sender_concurrency: usize,
+    /// How long a subscriber has to answer a delivery, in milliseconds.
+    #[arg(long = "delivery-timeout-ms", env = "EVENT_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub delivery_timeout_ms: u64,
+    /// A subscription whose deliveries have all failed for this long is disabled, in seconds
+    /// (default 5 days).
+    #[arg(long = "subscription-disable-after-secs", env = "EVENT_SUBSCRIPTION_DISABLE_AFTER_SECS",
+          default_value_t = 5 * 24 * 3600)]
+    pub disable_after_secs: u64,
 }
 
 /// Logging.

@@ -412,6 +412,16 @@ pub async fn get_event(pool: &PgPool, event_id: Uuid) -> Result<Option<StoredEve
         .await
 }
 
+/// The stored events among `ids`, oldest (in stream order) first.
+pub async fn events_by_ids(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {EVENT_COLUMNS} FROM event.events WHERE event_id = ANY($1) ORDER BY stream_seq"
+    )))
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}
+
 pub async fn event_exists(pool: &PgPool, event_id: Uuid) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM event.events WHERE event_id = $1)")
         .bind(event_id)

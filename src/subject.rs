@@ -15,6 +15,16 @@ pub const EVENT_REPLAY_STARTED: &str = "event.replay.started";
 pub const EVENT_REPLAY_COMPLETED: &str = "event.replay.completed";
 /// Replay jobs (stream JOBS).
 pub const REPLAY_JOBS: &str = "jobs.replay";
+pub const EVENT_SUBSCRIPTION_CREATED: &str = "event.subscription.created";
+pub const EVENT_SUBSCRIPTION_DISABLED: &str = "event.subscription.disabled";
+/// Core NATS: the subscriptions changed, dispatchers and senders reload them.
+pub const SUBSCRIPTIONS_CHANGED: &str = "_EVSVC.subscriptions.changed";
+
+/// Where the deliveries of one subscription queue (stream DELIVERIES).
+pub fn delivery_subject(subscription_id: &str) -> String {
+    format!("deliveries.{}", sanitize_token(subscription_id))
+}
+
 /// Core NATS: the processor registry changed, workers reload it.
 pub const PROCESSORS_CHANGED: &str = "_EVSVC.processors.changed";
 

@@ -13,6 +13,7 @@ mod health;
 mod processors;
 mod replay;
 mod rudderstack;
+mod subscriptions;
 mod waiters;
 
 use std::net::SocketAddr;
@@ -108,6 +109,18 @@ pub fn router(state: AppState, settings: &GatewayArgs) -> Router {
         .route("/api/v1/events/processors/{processor_id}/toggle", put(processors::toggle))
         .route("/api/v1/events/replay", post(replay::start).layer(single))
         .route("/api/v1/events/replay/{replay_id}", get(replay::status))
+        .route("/api/v1/events/subscriptions", get(subscriptions::list).post(subscriptions::create).layer(single))
+        .route(
+            "/api/v1/events/subscriptions/{subscription_id}",
+            get(subscriptions::get).patch(subscriptions::update).delete(subscriptions::delete).layer(single),
+        )
+        .route("/api/v1/events/subscriptions/{subscription_id}/secret", get(subscriptions::secret))
+        .route("/api/v1/events/subscriptions/{subscription_id}/deliveries", get(subscriptions::deliveries))
+        .route(
+            "/api/v1/events/subscriptions/{subscription_id}/deliveries/{event_id}/resend",
+            post(subscriptions::resend),
+        )
+        .route("/api/v1/events/subscriptions/{subscription_id}/recover", post(subscriptions::recover).layer(single))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     let public = Router::new()
         .route("/health", get(health::health))

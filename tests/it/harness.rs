@@ -10,7 +10,9 @@ use event_service::gateway::Gateway;
 use event_service::local::{LocalNats, LocalPostgres};
 use event_service::persister::Persister;
 use event_service::service;
-use event_service::settings::{CallbackArgs, DatabaseArgs, GatewayArgs, NatsArgs, PersisterArgs, ProcessorArgs};
+use event_service::settings::{
+    CallbackArgs, DatabaseArgs, DispatcherArgs, GatewayArgs, NatsArgs, PersisterArgs, ProcessorArgs,
+};
 use reqwest::StatusCode;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -117,6 +119,7 @@ pub struct TestApp {
     token: CancellationToken,
     persister: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     processors: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+    dispatchers: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     pub nats_server: LocalNats,
     _dir: tempfile::TempDir,
 }
@@ -172,6 +175,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         token,
         persister: None,
         processors: Vec::new(),
+        dispatchers: Vec::new(),
         nats_server,
         _dir: dir,
     };
@@ -184,15 +188,19 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     app
 }
 
-/// Processor settings for tests: retries after milliseconds, callbacks to loopback allowed.
+/// Processor settings for tests: retries after milliseconds.
 pub fn processor_args() -> ProcessorArgs {
-    ProcessorArgs {
-        batch_size: 64,
-        concurrency: 16,
-        retry_delay_ms: 20,
-        retry_max_delay_ms: 200,
-        callbacks: CallbackArgs { deny_private: false, allowed_nets: vec!["127.0.0.0/8".parse().expect("net")] },
-    }
+    ProcessorArgs { batch_size: 64, concurrency: 16, retry_delay_ms: 20, retry_max_delay_ms: 200 }
+}
+
+/// Dispatcher settings for tests.
+pub fn dispatcher_args() -> DispatcherArgs {
+    DispatcherArgs { sender_concurrency: 32, delivery_timeout_ms: 2000, disable_after_secs: 3600 }
+}
+
+/// Callbacks may reach the test's receivers on loopback.
+pub fn callback_args() -> CallbackArgs {
+    CallbackArgs { deny_private: false, allowed_nets: vec!["127.0.0.0/8".parse().expect("net")] }
 }
 
 impl TestApp {
@@ -216,11 +224,30 @@ impl TestApp {
     pub async fn start_processor(&mut self) {
         let token = self.token.child_token();
         let (bus, pool, worker_token) = (self.bus.clone(), self.service_pool.clone(), token.clone());
-        let handle =
-            tokio::spawn(async move { service::run_processing(bus, pool, &processor_args(), worker_token).await });
+        let handle = tokio::spawn(async move {
+            service::run_processing(bus, pool, &processor_args(), &callback_args(), worker_token).await
+        });
         self.processors.push((token, handle));
         // The worker subscribes to registry changes as it starts.
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// Starts one more dispatcher + sender.
+    pub async fn start_dispatcher(&mut self, settings: DispatcherArgs, callbacks: CallbackArgs) {
+        let token = self.token.child_token();
+        let (bus, pool, worker_token) = (self.bus.clone(), self.service_pool.clone(), token.clone());
+        let handle =
+            tokio::spawn(async move { service::run_dispatching(bus, pool, &settings, &callbacks, worker_token).await });
+        self.dispatchers.push((token, handle));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// A crash of every dispatcher: gone mid-delivery, acking nothing more.
+    pub async fn kill_dispatchers(&mut self) {
+        for (_token, handle) in self.dispatchers.drain(..) {
+            handle.abort();
+            let _ = handle.await;
+        }
     }
 
     /// Stops every processor worker gracefully.

@@ -11,3 +11,4 @@ mod ingest;
 mod processing;
 mod replay;
 mod resilience;
+mod subscriptions;

@@ -335,7 +335,14 @@ async fn the_status_write_waits_for_the_persister() {
     let hooks = Receiver::start().await;
     register(
         &app,
-        json!({"processor_name": "early", "processor_type": "webhook", "config": {"url": hooks.url("early")}}),
+        json!({"processor_name": "early", "processor_type": "webhook", "config": {"url": hooks.url("early")},
+               "filters": {"event_type": "early.bird"}}),
+    )
+    .await;
+    register(
+        &app,
+        json!({"processor_name": "doomed", "processor_type": "webhook", "config": {"url": hooks.url("fail")},
+               "max_retries": 0, "filters": {"event_type": "early.doomed"}}),
     )
     .await;
     let (status, created) = app.post("/api/v1/events/create", &json!({"event_type": "early.bird"})).await;
@@ -347,6 +354,19 @@ async fn the_status_write_waits_for_the_persister() {
     let event = app.wait_for_status(&id, &["processed"]).await;
     assert_eq!(event["processors"], json!(["early"]));
     assert_eq!(hooks.paths_for(&id), ["early"], "the processor ran once; only the status write waited");
+
+    // A processor that failed for good before the row existed still names its error.
+    app.stop_persister().await;
+    let (_, created) = app.post("/api/v1/events/create", &json!({"event_type": "early.doomed"})).await;
+    let doomed = created["event_id"].as_str().unwrap().to_owned();
+    wait_until(Duration::from_secs(5), || async { (!hooks.paths_for(&doomed).is_empty()).then_some(()) })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.start_persister().await;
+    let event = app.wait_for_status(&doomed, &["failed"]).await;
+    assert!(event["error_message"].as_str().unwrap().starts_with("doomed: HTTP 500"), "{event}");
+    assert_eq!(hooks.paths_for(&doomed), ["fail"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

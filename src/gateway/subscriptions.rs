@@ -1,0 +1,195 @@
+//! The subscription endpoints: create, list, get, update, delete, the secret, the delivery
+//! log, resend and recover.
+//!
+//! Reads and writes `event.event_subscriptions`, reads `event.delivery_attempts` and
+//! `event.events`; queues deliveries on DELIVERIES (resend, recover); tells dispatchers and
+//! senders to reload after each change, so it takes effect within a second.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::JsonBody;
+use crate::callback::Guard;
+use crate::dispatcher;
+use crate::ingest::{FieldError, Fields};
+use crate::store;
+use crate::subject;
+use crate::subscriptions::{self, Attempt, DeliveryStats, StoreError, Subscription};
+
+/// A subscription with its delivery counts, secret masked.
+#[derive(Serialize)]
+pub struct SubscriptionView {
+    #[serde(flatten)]
+    subscription: Subscription,
+    stats: DeliveryStats,
+}
+
+pub async fn create(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<Value>, ApiError> {
+    let changes = subscriptions::parse_changes(&body, &Guard::default(), true).map_err(ApiError::Validation)?;
+    let subscription = subscriptions::create(&state.pool, changes).await.map_err(|error| match error {
+        StoreError::IdTaken(id) => ApiError::Conflict {
+            code: "duplicate_subscription_id",
+            detail: format!("A subscription with id {id} already exists"),
+        },
+        StoreError::Database(error) => ApiError::Database(error),
+    })?;
+    subscriptions::announce_change(&state.bus).await;
+    let mut announced = Map::new();
+    announced.insert("subscription_id".into(), json!(subscription.subscription_id));
+    announced.insert("subscriber_name".into(), json!(subscription.subscriber_name));
+    announced.insert("event_types".into(), json!(subscription.event_types));
+    announced.insert("event_sources".into(), json!(subscription.event_sources));
+    announced.insert("event_categories".into(), json!(subscription.event_categories));
+    announced.insert("enabled".into(), json!(subscription.enabled));
+    announced.insert("timestamp".into(), json!(subscription.created_at));
+    let message_id = format!("subscription.created.{}", subscription.subscription_id);
+    subscriptions::announce(&state.bus, subject::EVENT_SUBSCRIPTION_CREATED, message_id, announced).await;
+    // The one answer that shows the secret, with GET .../secret.
+    let secret = subscription.webhook_secret.clone();
+    let mut shown = serde_json::to_value(SubscriptionView { subscription, stats: DeliveryStats::default() })
+        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    shown["webhook_secret"] = json!(secret);
+    Ok(Json(shown))
+}
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    enabled: Option<bool>,
+    subscriber_name: Option<String>,
+    /// Only subscriptions that would receive this event type.
+    event_type: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Vec<SubscriptionView>>, ApiError> {
+    let mut stats = subscriptions::stats(&state.pool).await?;
+    let views = subscriptions::list(&state.pool)
+        .await?
+        .into_iter()
+        .filter(|s| params.enabled.is_none_or(|enabled| s.enabled == enabled))
+        .filter(|s| params.subscriber_name.as_deref().is_none_or(|name| s.subscriber_name == name))
+        .filter(|s| {
+            params.event_type.as_deref().is_none_or(|event_type| {
+                s.event_types.iter().any(|pattern| crate::processors::type_matches(pattern, event_type))
+            })
+        })
+        .map(|subscription| {
+            let stats = stats.remove(&subscription.subscription_id).unwrap_or_default();
+            SubscriptionView { subscription, stats }
+        })
+        .collect();
+    Ok(Json(views))
+}
+
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<SubscriptionView>, ApiError> {
+    let subscription = subscriptions::get(&state.pool, &id).await?.ok_or(ApiError::NotFound("Subscription"))?;
+    let stats = subscriptions::stats(&state.pool).await?.remove(&id).unwrap_or_default();
+    Ok(Json(SubscriptionView { subscription, stats }))
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Subscription>, ApiError> {
+    let changes = subscriptions::parse_changes(&body, &Guard::default(), false).map_err(ApiError::Validation)?;
+    let updated = subscriptions::update(&state.pool, &id, changes).await?.ok_or(ApiError::NotFound("Subscription"))?;
+    subscriptions::announce_change(&state.bus).await;
+    Ok(Json(updated))
+}
+
+pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    if !subscriptions::delete(&state.pool, &id).await? {
+        return Err(ApiError::NotFound("Subscription"));
+    }
+    subscriptions::announce_change(&state.bus).await;
+    Ok(Json(json!({"status": "deleted", "subscription_id": id})))
+}
+
+pub async fn secret(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let subscription = subscriptions::get(&state.pool, &id).await?.ok_or(ApiError::NotFound("Subscription"))?;
+    Ok(Json(json!({"subscription_id": id, "webhook_secret": subscription.webhook_secret})))
+}
+
+#[derive(Deserialize)]
+pub struct Page {
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+#[derive(Serialize)]
+pub struct Deliveries {
+    deliveries: Vec<Attempt>,
+    total: i64,
+    limit: i64,
+    offset: i64,
+    has_more: bool,
+}
+
+pub async fn deliveries(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(page): Query<Page>,
+) -> Result<Json<Deliveries>, ApiError> {
+    let limit = page.limit.unwrap_or(100);
+    let offset = page.offset.unwrap_or(0);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::field("limit", "must be an integer from 1 to 1000"));
+    }
+    if offset < 0 {
+        return Err(ApiError::field("offset", "must be an integer ≥ 0"));
+    }
+    subscriptions::get(&state.pool, &id).await?.ok_or(ApiError::NotFound("Subscription"))?;
+    let (deliveries, total) = subscriptions::attempts(&state.pool, &id, limit, offset).await?;
+    let has_more = offset + (deliveries.len() as i64) < total;
+    Ok(Json(Deliveries { deliveries, total, limit, offset, has_more }))
+}
+
+pub async fn resend(
+    State(state): State<AppState>,
+    Path((id, event_id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    subscriptions::get(&state.pool, &id).await?.ok_or(ApiError::NotFound("Subscription"))?;
+    let event_id = Uuid::parse_str(&event_id).map_err(|_| ApiError::NotFound("Event"))?;
+    let event = store::get_event(&state.pool, event_id).await?.ok_or(ApiError::NotFound("Event"))?;
+    dispatcher::requeue(&state.bus, &state.pool, &id, &[event.to_event()]).await?;
+    Ok(Json(json!({"status": "queued", "subscription_id": id, "event_id": event_id})))
+}
+
+pub async fn recover(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    let Some(map) = body.as_object() else {
+        return Err(ApiError::field("body", "must be a JSON object: {since, until}"));
+    };
+    let mut errors: Vec<FieldError> = Vec::new();
+    let mut fields = Fields { body: map, errors: &mut errors };
+    let since = fields.timestamp("since");
+    if !fields.present("since") {
+        fields.fail("since", "is required");
+    }
+    let until = fields.timestamp("until").unwrap_or_else(chrono::Utc::now);
+    if let Some(since) = since
+        && until < since
+    {
+        fields.fail("until", "must not be before since");
+    }
+    let since = match since {
+        Some(since) if errors.is_empty() => since,
+        _ => return Err(ApiError::Validation(errors)),
+    };
+    subscriptions::get(&state.pool, &id).await?.ok_or(ApiError::NotFound("Subscription"))?;
+    let ids = subscriptions::failed_in_window(&state.pool, &id, since, until).await?;
+    let events: Vec<_> = store::events_by_ids(&state.pool, &ids).await?.iter().map(|e| e.to_event()).collect();
+    let queued = dispatcher::requeue(&state.bus, &state.pool, &id, &events).await?;
+    Ok(Json(json!({"status": "recovering", "subscription_id": id, "queued": queued})))
+}
