@@ -4,6 +4,9 @@
 //! - `create`: `POST /api/v1/events/create` latency (answered once stored) with N clients.
 //! - `processing`: processing throughput and create → processed latency with one `publish`
 //!   processor (registered by the bench, removed afterwards).
+//! - `fanout`: webhook deliveries per second and event created → delivered latency with 100
+//!   subscriptions calling a receiver inside the bench (the service must be allowed to call
+//!   loopback, as the local run is).
 //!
 //! Reads HTTP answers and `event.processed.success` on NATS; writes events (type `bench.*`),
 //! one processor and one stream (`BENCH_OUT`), which it removes at the end.
@@ -34,7 +37,7 @@ struct Args {
     /// Small runs (under a minute) for before/after checks.
     #[arg(long)]
     quick: bool,
-    #[arg(long, value_delimiter = ',', default_value = "create,processing")]
+    #[arg(long, value_delimiter = ',', default_value = "create,processing,fanout")]
     scenarios: Vec<Scenario>,
     /// Concurrent HTTP clients for the create scenario.
     #[arg(long, default_value_t = 16)]
@@ -45,6 +48,7 @@ struct Args {
 enum Scenario {
     Create,
     Processing,
+    Fanout,
 }
 
 struct Bench {
@@ -66,6 +70,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if bench.args.scenarios.contains(&Scenario::Processing) {
         bench.processing().await?;
+    }
+    if bench.args.scenarios.contains(&Scenario::Fanout) {
+        bench.fanout().await?;
     }
     Ok(())
 }
@@ -240,6 +247,131 @@ impl Bench {
         }
         let _ = delete.send().await;
         let _ = js.delete_stream("BENCH_OUT").await;
+        Ok(())
+    }
+}
+
+/// What the fan-out receiver saw: (subscription path, event id) → count, and latencies.
+#[derive(Default)]
+struct Fanout {
+    seen: HashMap<(String, String), u32>,
+    per_event: HashMap<String, u32>,
+    latency: Option<Histogram<u64>>,
+}
+
+impl Bench {
+    /// 100 subscriptions, every event delivered to each, to a receiver in this process.
+    async fn fanout(&self) -> anyhow::Result<()> {
+        let subscriptions = 100;
+        let events: usize = if self.args.quick { 200 } else { 1_000 };
+        let state: Arc<Mutex<Fanout>> =
+            Arc::new(Mutex::new(Fanout { latency: Some(new_histogram()), ..Fanout::default() }));
+        let shared = state.clone();
+        let app = axum::Router::new().route(
+            "/{path}",
+            axum::routing::post(
+                move |axum::extract::Path(path): axum::extract::Path<String>, body: axum::body::Bytes| {
+                    let shared = shared.clone();
+                    async move {
+                        let now = chrono::Utc::now();
+                        if let Ok(event) = serde_json::from_slice::<Value>(&body) {
+                            let created =
+                                event["created_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+                            let mut state = shared.lock().await;
+                            if let (Some(created), Some(latency)) = (created, state.latency.as_mut()) {
+                                let micros =
+                                    (now - created.with_timezone(&chrono::Utc)).num_microseconds().unwrap_or(0);
+                                let _ = latency.record(micros.max(1) as u64);
+                            }
+                            let id = event["event_id"].as_str().unwrap_or_default().to_owned();
+                            *state.per_event.entry(id.clone()).or_default() += 1;
+                            *state.seen.entry((path, id)).or_default() += 1;
+                        }
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let receiver = format!("http://{}", listener.local_addr()?);
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        for i in 0..subscriptions {
+            let created = self
+                .post("/api/v1/events/subscriptions")
+                .json(&json!({"subscription_id": format!("bench-fan-{i}"), "event_types": ["bench.fanout"],
+                              "callback_url": format!("{receiver}/s{i}")}))
+                .send()
+                .await?;
+            if !created.status().is_success() {
+                bail!("cannot create a bench subscription: {}", created.text().await?);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let started = Instant::now();
+        for chunk in 0..events / 100 {
+            let batch: Vec<Value> =
+                (0..100).map(|i| json!({"event_type": "bench.fanout", "data": {"n": chunk * 100 + i}})).collect();
+            let response = self.post("/api/v1/events/batch").json(&batch).send().await?;
+            if !response.status().is_success() {
+                bail!("batch refused: {}", response.text().await?);
+            }
+        }
+        let expected = subscriptions * events;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while state.lock().await.seen.len() < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = started.elapsed();
+        {
+            let mut state = state.lock().await;
+            let delivered = state.seen.len();
+            let duplicates = state.seen.values().filter(|count| **count > 1).count();
+            println!(
+                "fan-out to {subscriptions} subscriptions: {delivered} of {expected} deliveries in {:.2} s = {:.0} \
+                 deliveries/s ({duplicates} duplicated)",
+                elapsed.as_secs_f64(),
+                delivered as f64 / elapsed.as_secs_f64()
+            );
+            if let Some(latency) = &state.latency {
+                report("  created → delivered during that burst", latency, latency.len(), elapsed);
+            }
+            state.latency = Some(new_histogram());
+        }
+        // Latency without a backlog: one event at a time, each to every subscription.
+        let singles = if self.args.quick { 20 } else { 100 };
+        let started = Instant::now();
+        for i in 0..singles {
+            let created: Value = self
+                .post("/api/v1/events/create")
+                .json(&json!({"event_type": "bench.fanout", "data": {"single": i}}))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let id = created["event_id"].as_str().context("create answered without event_id")?.to_owned();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while state.lock().await.per_event.get(&id).copied().unwrap_or(0) < subscriptions as u32
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        if let Some(latency) = &state.lock().await.latency {
+            report(
+                &format!("created → delivered, one event at a time to {subscriptions} subscriptions"),
+                latency,
+                latency.len(),
+                started.elapsed(),
+            );
+        }
+        server.abort();
+        for i in 0..subscriptions {
+            let mut delete = self.http.delete(format!("{}/api/v1/events/subscriptions/bench-fan-{i}", self.args.url));
+            if let Some(key) = &self.args.api_key {
+                delete = delete.bearer_auth(key);
+            }
+            let _ = delete.send().await;
+        }
         Ok(())
     }
 }

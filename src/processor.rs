@@ -162,8 +162,12 @@ impl BatchHandler for Handler {
         if work.is_empty() {
             return outcomes;
         }
-        let ids: Vec<Uuid> = work.iter().map(|item| item.event.event_id).collect();
-        let prior = match processing::prior_results(&self.pool, &ids).await {
+        // Earlier attempts matter only for events that have processors to run.
+        let ids: Vec<Uuid> =
+            work.iter().filter(|item| !item.matching.is_empty()).map(|item| item.event.event_id).collect();
+        let prior =
+            if ids.is_empty() { Ok(Default::default()) } else { processing::prior_results(&self.pool, &ids).await };
+        let prior = match prior {
             Ok(prior) => prior,
             Err(error) => {
                 tracing::warn!(stage = STAGE, error = %error, "cannot read earlier attempts; retrying the batch");
