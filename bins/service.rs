@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use event_service::local::{LocalNats, LocalPostgres};
 use event_service::settings::{
     CallbackArgs, DatabaseArgs, DispatcherArgs, GatewayArgs, LogArgs, NatsArgs, PersisterArgs, ProcessorArgs,
+    ProjectorArgs,
 };
 use event_service::{service, shutdown, telemetry};
 
@@ -26,6 +27,8 @@ struct Args {
     processor: ProcessorArgs,
     #[command(flatten)]
     dispatcher: DispatcherArgs,
+    #[command(flatten)]
+    projector: ProjectorArgs,
     #[command(flatten)]
     callbacks: CallbackArgs,
     #[command(flatten)]
@@ -102,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
         persister: &args.persister,
         processor: &args.processor,
         dispatcher: &args.dispatcher,
+        projector: &args.projector,
         callbacks: &args.callbacks,
     };
     service::run_all(bus, pool, listener, stages, token).await?;

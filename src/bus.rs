@@ -41,6 +41,7 @@ const CONSUMER_FILES: &[(&str, &str)] = &[
     ("replayer", include_str!("../jetstream/consumers/replayer.json")),
     ("dispatcher", include_str!("../jetstream/consumers/dispatcher.json")),
     ("sender", include_str!("../jetstream/consumers/sender.json")),
+    ("projector", include_str!("../jetstream/consumers/projector.json")),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -70,6 +70,8 @@ pub struct ConsumeLoop {
     pub bus: Bus,
     pub consumer: PullConsumer,
     pub max_batch: usize,
+    /// The priority group to pull in, for a pinned-client consumer (one active puller).
+    pub group: Option<&'static str>,
 }
 
 impl ConsumeLoop {
@@ -79,14 +81,15 @@ impl ConsumeLoop {
         let stage = self.stage;
         let mut pause = Duration::from_millis(100);
         'connect: while !token.is_cancelled() {
-            let messages = self
-                .consumer
-                .stream()
-                .max_messages_per_batch(self.max_batch)
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await;
+            let stream = self.consumer.stream().max_messages_per_batch(self.max_batch);
+            let stream = match self.group {
+                // A standby's pulls wait for the pin: short expiries let it notice a free pin soon.
+                Some(group) => {
+                    stream.group(group).expires(Duration::from_secs(2)).heartbeat(Duration::from_millis(500))
+                }
+                None => stream.heartbeat(Duration::from_secs(5)).expires(Duration::from_secs(30)),
+            };
+            let messages = stream.messages().await;
             let mut messages = match messages {
                 Ok(messages) => messages,
                 Err(error) => {

@@ -101,12 +101,14 @@ impl Dispatching {
             bus: bus.clone(),
             consumer: bus.consumer("EVENTS", DISPATCH_STAGE).await?,
             max_batch: 500,
+            group: None,
         };
         let send = ConsumeLoop {
             stage: SEND_STAGE,
             bus: bus.clone(),
             consumer: bus.consumer("DELIVERIES", SEND_STAGE).await?,
             max_batch: settings.sender_concurrency.max(1) * 2,
+            group: None,
         };
         let dispatcher = Dispatcher { bus: bus.clone(), registry: registry.clone() };
         let sender = Sender {

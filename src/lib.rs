@@ -17,6 +17,7 @@
 //! - [`processors`] (the registry), [`processing`] (running and recording) and
 //!   [`processor`] (the stage): event processing. [`replay`]: replay jobs.
 //! - [`subscriptions`] and [`dispatcher`]: subscriptions and their webhook deliveries.
+//! - [`projections`] and [`projector`]: event sourcing, entity projections and time travel.
 //! - [`callback`]: the guard and HTTP client for outgoing callbacks.
 //! - [`service`]: running stages together.
 //! - [`local`]: private nats-server and PostgreSQL for the local run and the tests.
@@ -35,6 +36,8 @@ pub mod persister;
 pub mod processing;
 pub mod processor;
 pub mod processors;
+pub mod projections;
+pub mod projector;
 pub mod replay;
 pub mod service;
 pub mod settings;

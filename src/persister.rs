@@ -83,7 +83,13 @@ impl Persister {
             );
             store::reset_position(&pool, STREAM, info.state.first_sequence.saturating_sub(1)).await?;
         }
-        let consume = ConsumeLoop { stage: STAGE, bus: bus.clone(), consumer, max_batch: settings.batch_size.max(1) };
+        let consume = ConsumeLoop {
+            stage: STAGE,
+            bus: bus.clone(),
+            consumer,
+            max_batch: settings.batch_size.max(1),
+            group: None,
+        };
         let handler = Handler { pool, bus, events, token: CancellationToken::new() };
         Ok(Self { consume, handler })
     }

@@ -85,7 +85,13 @@ impl ProcessorStage {
         settings: &ProcessorArgs,
     ) -> Result<Self, ProcessorError> {
         let consumer = bus.consumer(STREAM, STAGE).await?;
-        let consume = ConsumeLoop { stage: STAGE, bus: bus.clone(), consumer, max_batch: settings.batch_size.max(1) };
+        let consume = ConsumeLoop {
+            stage: STAGE,
+            bus: bus.clone(),
+            consumer,
+            max_batch: settings.batch_size.max(1),
+            group: None,
+        };
         let handler = Handler { pool, bus: bus.clone(), engine, settings: settings.clone() };
         Ok(Self { consume, handler, bus })
     }

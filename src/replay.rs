@@ -318,7 +318,7 @@ impl Replayer {
         token: CancellationToken,
     ) -> Result<Self, BusError> {
         let consumer = bus.consumer(STREAM, STAGE).await?;
-        let consume = ConsumeLoop { stage: STAGE, bus: bus.clone(), consumer, max_batch: 1 };
+        let consume = ConsumeLoop { stage: STAGE, bus: bus.clone(), consumer, max_batch: 1, group: None };
         Ok(Self { consume, handler: JobHandler { pool, bus, engine, token } })
     }
 

@@ -14,9 +14,10 @@ use crate::dispatcher::Dispatching;
 use crate::gateway::Gateway;
 use crate::persister::Persister;
 use crate::processor::{Engine, ProcessorStage};
+use crate::projector::Projector;
 use crate::replay::Replayer;
 use crate::settings::{
-    CallbackArgs, DatabaseArgs, DispatcherArgs, GatewayArgs, NatsArgs, PersisterArgs, ProcessorArgs,
+    CallbackArgs, DatabaseArgs, DispatcherArgs, GatewayArgs, NatsArgs, PersisterArgs, ProcessorArgs, ProjectorArgs,
 };
 
 /// Connects to NATS and PostgreSQL and brings the topology and schema up to date.
@@ -64,6 +65,16 @@ pub async fn run_dispatching(
     Dispatching::build(bus, pool, settings, callbacks).await?.run(token).await
 }
 
+/// The projector, until `token` is cancelled or it fails.
+pub async fn run_projector(
+    bus: Bus,
+    pool: PgPool,
+    settings: &ProjectorArgs,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    Projector::build(bus, pool, settings).await?.run(token).await
+}
+
 async fn cancel_all_when_done(
     stage: impl std::future::Future<Output = anyhow::Result<()>>,
     token: &CancellationToken,
@@ -79,6 +90,7 @@ pub struct AllStages<'a> {
     pub persister: &'a PersisterArgs,
     pub processor: &'a ProcessorArgs,
     pub dispatcher: &'a DispatcherArgs,
+    pub projector: &'a ProjectorArgs,
     pub callbacks: &'a CallbackArgs,
 }
 
@@ -90,7 +102,7 @@ pub async fn run_all(
     stages: AllStages<'_>,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
-    let AllStages { gateway, persister, processor, dispatcher, callbacks } = stages;
+    let AllStages { gateway, persister, processor, dispatcher, projector, callbacks } = stages;
     let gateway = Gateway::build(bus.clone(), pool.clone(), gateway, token.clone()).await?;
     let persister = Persister::build(bus.clone(), pool.clone(), persister).await?;
     let processing =
@@ -113,10 +125,12 @@ pub async fn run_all(
             result
         }
     };
-    let (http, store, processing, dispatching) = tokio::join!(http, store, processing, dispatching);
+    let projecting = cancel_all_when_done(run_projector(bus.clone(), pool.clone(), projector, token.clone()), &token);
+    let (http, store, processing, dispatching, projecting) =
+        tokio::join!(http, store, processing, dispatching, projecting);
     // The NATS client flushes last, so every ack and publish above leaves the process.
     if let Err(error) = bus.client().flush().await {
         tracing::warn!(error = %error, "nats flush failed at shutdown");
     }
-    http.and(store).and(processing).and(dispatching)
+    http.and(store).and(processing).and(dispatching).and(projecting)
 }

@@ -62,6 +62,15 @@ pub struct GatewayArgs {
     /// How long create and batch wait for PostgreSQL before answering 202, in milliseconds.
     #[arg(long = "store-timeout-ms", env = "EVENT_STORE_TIMEOUT_MS", default_value_t = 5000)]
     pub store_timeout_ms: u64,
+    /// Snapshot spacing for projection rebuilds asked for over HTTP (the projector's
+    /// `EVENT_PROJECTION_SNAPSHOT_EVERY`; keep them equal).
+    #[arg(
+        id = "gateway_snapshot_every",
+        long = "gateway-projection-snapshot-every",
+        env = "EVENT_PROJECTION_SNAPSHOT_EVERY",
+        default_value_t = 100
+    )]
+    pub snapshot_every: u64,
 }
 
 impl GatewayArgs {
@@ -131,6 +140,16 @@ pub struct DispatcherArgs {
     #[arg(long = "subscription-disable-after-secs", env = "EVENT_SUBSCRIPTION_DISABLE_AFTER_SECS",
           default_value_t = 5 * 24 * 3600)]
     pub disable_after_secs: u64,
+}
+
+/// The projector stage.
+#[derive(Debug, Clone, Args)]
+pub struct ProjectorArgs {
+    /// A snapshot of each projection every this many applied events (time travel folds from
+    /// the nearest one).
+    #[arg(long = "projection-snapshot-every", env = "EVENT_PROJECTION_SNAPSHOT_EVERY", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_every: u64,
 }
 
 /// Logging.

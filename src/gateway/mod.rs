@@ -11,6 +11,7 @@ mod extract;
 mod frontend;
 mod health;
 mod processors;
+mod projections;
 mod replay;
 mod rudderstack;
 mod subscriptions;
@@ -47,6 +48,8 @@ pub struct AppState {
     store_timeout: Duration,
     max_batch_events: usize,
     max_event_bytes: usize,
+    /// Snapshot spacing used when a rebuild folds a stream.
+    snapshot_every: i64,
     started: Instant,
 }
 
@@ -80,6 +83,7 @@ impl Gateway {
             store_timeout: settings.store_timeout(),
             max_batch_events: usize::from(settings.max_batch_events),
             max_event_bytes,
+            snapshot_every: settings.snapshot_every as i64,
             started: Instant::now(),
         };
         Ok(Self { state, settings: settings.clone() })
@@ -109,6 +113,14 @@ pub fn router(state: AppState, settings: &GatewayArgs) -> Router {
         .route("/api/v1/events/processors/{processor_id}/toggle", put(processors::toggle))
         .route("/api/v1/events/replay", post(replay::start).layer(single))
         .route("/api/v1/events/replay/{replay_id}", get(replay::status))
+        .route("/api/v1/events/stream/{stream_id}", get(projections::stream))
+        .route(
+            "/api/v1/events/projections/definitions",
+            get(projections::definitions).post(projections::create_definition).layer(single),
+        )
+        .route("/api/v1/events/projections/definitions/{name}/rebuild", post(projections::rebuild_definition))
+        .route("/api/v1/events/projections/{entity_type}/{entity_id}", get(projections::projection))
+        .route("/api/v1/events/projections/{entity_type}/{entity_id}/rebuild", post(projections::rebuild))
         .route("/api/v1/events/subscriptions", get(subscriptions::list).post(subscriptions::create).layer(single))
         .route(
             "/api/v1/events/subscriptions/{subscription_id}",

@@ -120,6 +120,7 @@ pub struct TestApp {
     persister: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     processors: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     dispatchers: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+    projectors: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     pub nats_server: LocalNats,
     _dir: tempfile::TempDir,
 }
@@ -155,6 +156,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         max_body_bytes: 1024 * 1024,
         max_batch_body_bytes: 16 * 1024 * 1024,
         store_timeout_ms: options.store_timeout_ms,
+        snapshot_every: 10,
     };
     let token = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -176,6 +178,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         persister: None,
         processors: Vec::new(),
         dispatchers: Vec::new(),
+        projectors: Vec::new(),
         nats_server,
         _dir: dir,
     };
@@ -242,6 +245,26 @@ impl TestApp {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    /// Starts one more projector (snapshots every 10 applied events); the first one started
+    /// holds the pin, later ones stand by.
+    pub async fn start_projector(&mut self) {
+        let token = self.token.child_token();
+        let (bus, pool, worker_token) = (self.bus.clone(), self.service_pool.clone(), token.clone());
+        let handle = tokio::spawn(async move {
+            let settings = event_service::settings::ProjectorArgs { snapshot_every: 10 };
+            service::run_projector(bus, pool, &settings, worker_token).await
+        });
+        self.projectors.push((token, handle));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// A crash of the oldest projector.
+    pub async fn kill_projector(&mut self) {
+        let (_token, handle) = self.projectors.remove(0);
+        handle.abort();
+        let _ = handle.await;
+    }
+
     /// A crash of every dispatcher: gone mid-delivery, acking nothing more.
     pub async fn kill_dispatchers(&mut self) {
         for (_token, handle) in self.dispatchers.drain(..) {
@@ -261,12 +284,26 @@ impl TestApp {
     /// Waits until the event has one of `statuses`; returns the stored event.
     pub async fn wait_for_status(&self, event_id: &str, statuses: &[&str]) -> Value {
         let path = format!("/api/v1/events/{event_id}");
-        wait_until(Duration::from_secs(15), || async {
+        let reached = wait_until(Duration::from_secs(15), || async {
             let (status, event) = self.get(&path).await;
             (status == StatusCode::OK && statuses.contains(&event["status"].as_str().unwrap_or(""))).then_some(event)
         })
-        .await
-        .unwrap_or_else(|| panic!("event {event_id} did not reach {statuses:?}"))
+        .await;
+        match reached {
+            Some(event) => event,
+            None => {
+                let (_, event) = self.get(&path).await;
+                let results: Vec<(String, i32, String, Option<String>)> = sqlx::query_as(
+                    "SELECT processor_name, attempt, status, message FROM event.processing_results \
+                     WHERE event_id = $1::uuid ORDER BY result_id",
+                )
+                .bind(event_id)
+                .fetch_all(&self.pool)
+                .await
+                .unwrap_or_default();
+                panic!("event {event_id} did not reach {statuses:?}: {event}\nresults: {results:?}")
+            }
+        }
     }
 
     /// Creates an event over HTTP and returns its id.

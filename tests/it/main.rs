@@ -9,6 +9,7 @@ mod receiver;
 mod api;
 mod ingest;
 mod processing;
+mod projections;
 mod replay;
 mod resilience;
 mod subscriptions;

@@ -12,9 +12,12 @@ use serde_json::{Value, json};
 use crate::harness::{Options, TestApp, spawn_app, spawn_app_with, wait_until};
 use crate::receiver::Receiver;
 
+/// Registers a processor and gives the workers the moment they need to load it (they reload
+/// on a notification; "within a second" is the promise).
 async fn register(app: &TestApp, body: Value) -> Value {
     let (status, processor) = app.post("/api/v1/events/processors", &body).await;
     assert_eq!(status, StatusCode::OK, "{processor}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     processor
 }
 

@@ -36,7 +36,7 @@ async fn replays_select_by_ids_stream_and_time_and_keep_the_originals() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let mut ids = Vec::new();
     for (i, user) in ["ann", "bob", "ann", "bob", "ann"].iter().enumerate() {
         let id = app

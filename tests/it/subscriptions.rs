@@ -19,6 +19,11 @@ async fn subscribe(app: &TestApp, body: Value) -> Value {
     subscription
 }
 
+/// Dispatchers reload on a notification; leave them the moment they need.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(400)).await;
+}
+
 async fn app_with_dispatcher() -> TestApp {
     let mut app = spawn_app().await;
     app.start_dispatcher(dispatcher_args(), callback_args()).await;
@@ -140,7 +145,7 @@ async fn deliveries_are_signed_and_filtered_by_type_source_and_category() {
     .await;
     subscribe(&app, json!({"event_types": ["user.deleted"], "callback_url": hooks.url("deletions"), "enabled": false}))
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle().await;
     let user = app.create(json!({"event_type": "user.created", "user_id": "u1"})).await;
     app.create(json!({"event_type": "user.created.v2"})).await;
     app.post("/api/v1/events/frontend", &json!({"event_type": "user.created"})).await;
@@ -192,7 +197,7 @@ async fn failed_deliveries_retry_with_the_same_webhook_id_and_honour_retry_after
     .await;
     subscribe(&app, json!({"event_types": ["job.done"], "callback_url": hooks.url("busy"), "retry_policy": policy}))
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle().await;
     let id = app.create(json!({"event_type": "job.done"})).await;
     wait_for_received(&hooks, 4).await;
 
@@ -230,7 +235,7 @@ async fn gone_disables_and_other_client_errors_are_not_retried() {
     let reject =
         subscribe(&app, json!({"event_types": ["ping"], "callback_url": hooks.url("reject"), "retry_policy": policy}))
             .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle().await;
     app.create(json!({"event_type": "ping"})).await;
     wait_for_received(&hooks, 2).await;
 
@@ -271,7 +276,7 @@ async fn rate_limits_hold_and_deleted_subscriptions_get_nothing_more() {
         json!({"event_types": ["tock"], "callback_url": hooks.url("doomed"), "rate_limit_per_second": 1}),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle().await;
     let batch: Vec<Value> = (0..12).map(|_| json!({"event_type": "tick"})).collect();
     assert_eq!(app.post("/api/v1/events/batch", &Value::Array(batch)).await.0, StatusCode::OK);
     let batch: Vec<Value> = (0..5).map(|_| json!({"event_type": "tock"})).collect();
@@ -303,7 +308,7 @@ async fn refused_addresses_are_recorded_not_retried() {
     app.start_dispatcher(dispatcher_args(), strict).await;
     let hooks = Receiver::start().await;
     let sub = subscribe(&app, json!({"event_types": ["secret.stuff"], "callback_url": hooks.url("inside")})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle().await;
     app.create(json!({"event_type": "secret.stuff"})).await;
     let id = sub["subscription_id"].as_str().unwrap().to_owned();
     let log = wait_until(Duration::from_secs(5), || async {
@@ -339,7 +344,7 @@ async fn a_sender_killed_mid_delivery_still_delivers_and_resend_and_recover_work
         )
         .await;
     let sub = subscribe(&app, json!({"event_types": ["slow.job"], "callback_url": hooks.url("slow")})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle().await;
     let id = app.create(json!({"event_type": "slow.job"})).await;
     wait_until(Duration::from_secs(5), || async { (!hooks.arrivals("slow").is_empty()).then_some(()) }).await.unwrap();
     app.kill_dispatchers().await;
@@ -365,7 +370,7 @@ async fn a_sender_killed_mid_delivery_still_delivers_and_resend_and_recover_work
 
     let failing = subscribe(&app, json!({"event_types": ["fail.once"], "callback_url": hooks.url("slowfail")})).await;
     let failing_id = failing["subscription_id"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle().await;
     let since = chrono::Utc::now();
     app.create(json!({"event_type": "fail.once"})).await;
     wait_until(Duration::from_secs(5), || async { (!deliveries(&app, &failing_id).await.is_empty()).then_some(()) })
@@ -396,7 +401,7 @@ async fn a_hundred_subscriptions_get_a_thousand_events_exactly_once() {
     for i in 0..100 {
         subscribe(&app, json!({"event_types": ["fan.>"], "callback_url": hooks.url(&format!("s{i}"))})).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settle().await;
     let started = Instant::now();
     for chunk in 0..10 {
         let batch: Vec<Value> =

@@ -1,0 +1,231 @@
+//! The projector stage: keeps every projection of every entity stream up to date.
+//!
+//! Reads the durable `projector` consumer of EVENTS (pinned client: one projector pulls, a
+//! standby takes over within seconds when it stops) as the signal that streams changed, and the
+//! stored events from PostgreSQL in stream-version order. Writes `event.event_projections` and
+//! `event.projection_snapshots` in one transaction per batch, then `event.projection.created`
+//! for projections seen for the first time, then acks. Guarantees: applying is idempotent by the
+//! stream-version watermark, so a redelivery or a crash mid-batch changes nothing twice; an
+//! event not yet in PostgreSQL is retried shortly. New definitions (and rebuilt ones) catch up
+//! on the stored history in the background, then stay live.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_nats::jetstream::Message;
+use bytes::Bytes;
+use chrono::Utc;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusError, Outgoing};
+use crate::consume::{BatchHandler, ConsumeLoop, Outcome};
+use crate::persister::decode_message;
+use crate::projections::{self, Definition, Fold, Projection};
+use crate::settings::ProjectorArgs;
+use crate::store;
+
+pub const STAGE: &str = "projector";
+const GROUP: &str = "projector";
+const NOT_STORED_RETRY: Duration = Duration::from_millis(250);
+const OUTAGE_RETRY: Duration = Duration::from_secs(2);
+pub const EVENT_PROJECTION_CREATED: &str = "event.projection.created";
+
+pub struct Projector {
+    consume: ConsumeLoop,
+    handler: Handler,
+}
+
+impl Projector {
+    pub async fn build(bus: Bus, pool: PgPool, settings: &ProjectorArgs) -> Result<Self, BusError> {
+        let consumer = bus.consumer("EVENTS", STAGE).await?;
+        let consume = ConsumeLoop { stage: STAGE, bus: bus.clone(), consumer, max_batch: 1000, group: Some(GROUP) };
+        let handler = Handler { pool, bus, snapshot_every: settings.snapshot_every as i64 };
+        Ok(Self { consume, handler })
+    }
+
+    pub async fn run(self, token: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(stage = STAGE, "projector running (standby until it holds the pin)");
+        let catch_up = tokio::spawn(catch_up_loop(
+            self.handler.pool.clone(),
+            self.handler.bus.clone(),
+            self.handler.snapshot_every,
+            token.clone(),
+        ));
+        let result = self.consume.run(&self.handler, token).await;
+        catch_up.abort();
+        Ok(result?)
+    }
+}
+
+struct Handler {
+    pool: PgPool,
+    bus: Bus,
+    snapshot_every: i64,
+}
+
+impl BatchHandler for Handler {
+    async fn handle(&self, batch: &[Message]) -> Vec<Outcome> {
+        let mut outcomes = vec![Outcome::Ack; batch.len()];
+        let mut in_streams = Vec::new();
+        for (position, message) in batch.iter().enumerate() {
+            let (seq, published) = match message.info() {
+                Ok(info) => (info.stream_sequence, info.published),
+                Err(_) => (0, Utc::now()),
+            };
+            let Ok(incoming) =
+                decode_message(&message.subject, message.headers.as_ref(), &message.payload, seq, published)
+            else {
+                continue;
+            };
+            if let Some(stream_id) = incoming.event.stream_id {
+                in_streams.push((position, incoming.event.event_id, stream_id));
+            }
+        }
+        if in_streams.is_empty() {
+            return outcomes;
+        }
+        let ids: Vec<uuid::Uuid> = in_streams.iter().map(|(_, id, _)| *id).collect();
+        let stored = match store::stored_ids(&self.pool, &ids).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::warn!(stage = STAGE, error = %error, "cannot read stored events; retrying the batch");
+                return vec![Outcome::Retry { after: OUTAGE_RETRY }; batch.len()];
+            }
+        };
+        let mut streams = BTreeSet::new();
+        for (position, id, stream_id) in &in_streams {
+            if stored.contains(id) {
+                streams.insert(stream_id.clone());
+            } else {
+                outcomes[*position] = Outcome::Retry { after: NOT_STORED_RETRY };
+            }
+        }
+        match self.project(streams.into_iter().collect()).await {
+            Ok(created) => announce_created(&self.bus, &created).await,
+            Err(error) => {
+                tracing::warn!(stage = STAGE, error = %error, "cannot update projections; retrying the batch");
+                return vec![Outcome::Retry { after: OUTAGE_RETRY }; batch.len()];
+            }
+        }
+        outcomes
+    }
+}
+
+impl Handler {
+    /// Folds what is new in these streams into every projection that covers them.
+    async fn project(&self, streams: Vec<String>) -> Result<Vec<Projection>, sqlx::Error> {
+        if streams.is_empty() {
+            return Ok(Vec::new());
+        }
+        let definitions = projections::definitions(&self.pool).await?;
+        let mut tx = self.pool.begin().await?;
+        let mut stored = projections::lock_projections(&mut tx, &streams).await?;
+        let mut folds: Vec<(Fold, &Definition)> = Vec::new();
+        let mut watermarks = Vec::with_capacity(streams.len());
+        for stream_id in &streams {
+            let Some((entity_type, entity_id)) = projections::split_stream_id(stream_id) else { continue };
+            let mut from = i64::MAX;
+            for definition in definitions.iter().filter(|d| d.covers(entity_type)) {
+                let existing = stored.remove(&(definition.name.clone(), stream_id.clone()));
+                let fold = Fold::start(definition, entity_type, entity_id, existing);
+                from = from.min(fold.projection.stream_version);
+                folds.push((fold, definition));
+            }
+            if from != i64::MAX {
+                watermarks.push((stream_id.clone(), from));
+            }
+        }
+        let events = projections::events_after(&mut *tx, &watermarks).await?;
+        for (fold, definition) in &mut folds {
+            let stream_id = format!("{}:{}", fold.projection.entity_type, fold.projection.entity_id);
+            let mine = events.iter().filter(|event| event.stream_id == stream_id);
+            fold.apply(definition, mine, self.snapshot_every);
+        }
+        let refs: Vec<&Fold> = folds.iter().map(|(fold, _)| fold).collect();
+        projections::save(&mut tx, &refs).await?;
+        tx.commit().await?;
+        Ok(folds
+            .into_iter()
+            .filter(|(fold, _)| fold.created && fold.changed && fold.projection.version > 0)
+            .map(|(fold, _)| fold.projection)
+            .collect())
+    }
+}
+
+/// Publishes `event.projection.created` for projections materialized for the first time.
+async fn announce_created(bus: &Bus, created: &[Projection]) {
+    let messages = created
+        .iter()
+        .map(|projection| {
+            let body = json!({
+                "projection_id": projection.projection_id, "projection_name": projection.projection_name,
+                "entity_id": projection.entity_id, "entity_type": projection.entity_type,
+                "events_count": projection.version, "version": projection.version, "timestamp": Utc::now(),
+            });
+            let mut headers = async_nats::HeaderMap::new();
+            let message_id = format!(
+                "projection.created.{}.{}.{}",
+                projection.projection_name, projection.entity_type, projection.entity_id
+            );
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
+            Outgoing { subject: EVENT_PROJECTION_CREATED.to_owned(), headers, payload: Bytes::from(body.to_string()) }
+        })
+        .collect();
+    for result in bus.publish_all(messages).await {
+        if let Err(error) = result {
+            tracing::warn!(stage = STAGE, error = %error, "cannot announce a new projection");
+        }
+    }
+}
+
+/// Folds the history into definitions that are catching up (new or being rebuilt), then marks
+/// them live. Any projector may do it: folding is idempotent.
+async fn catch_up_loop(pool: PgPool, bus: Bus, snapshot_every: i64, token: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        if let Err(error) = catch_up(&pool, &bus, snapshot_every, &token).await {
+            tracing::warn!(stage = STAGE, error = %error, "projection catch-up failed; trying again");
+        }
+    }
+}
+
+async fn catch_up(pool: &PgPool, bus: &Bus, snapshot_every: i64, token: &CancellationToken) -> Result<(), sqlx::Error> {
+    let definitions = projections::definitions(pool).await?;
+    for definition in definitions.iter().filter(|d| d.status == "catching_up") {
+        let started = std::time::Instant::now();
+        let mut after = String::new();
+        let mut streams_done = 0usize;
+        loop {
+            if token.is_cancelled() {
+                return Ok(());
+            }
+            let pattern =
+                if definition.entity_type == "*" { "%".to_owned() } else { format!("{}:%", definition.entity_type) };
+            let page: Vec<String> = sqlx::query_scalar(
+                "SELECT stream_id FROM event.event_streams WHERE stream_id LIKE $1 AND stream_id > $2 \
+                 ORDER BY stream_id LIMIT 500",
+            )
+            .bind(pattern)
+            .bind(&after)
+            .fetch_all(pool)
+            .await?;
+            let Some(last) = page.last() else { break };
+            after = last.clone();
+            for stream_id in &page {
+                let created =
+                    projections::fold_stream(pool, stream_id, std::slice::from_ref(definition), snapshot_every).await?;
+                announce_created(bus, &created).await;
+                streams_done += 1;
+            }
+        }
+        projections::mark_live(pool, &definition.name).await?;
+        tracing::info!(stage = STAGE, definition = %definition.name, streams = streams_done,
+            elapsed_ms = started.elapsed().as_millis() as u64, "projection caught up");
+    }
+    Ok(())
+}
