@@ -4,6 +4,8 @@
 //! - `create`: `POST /api/v1/events/create` latency (answered once stored) with N clients.
 //! - `processing`: processing throughput and create → processed latency with one `publish`
 //!   processor (registered by the bench, removed afterwards).
+//! - `projection`: projector throughput and create → projection updated latency (needs
+//!   `--database-url`, to see what the projector stored rather than a read-time fold).
 //! - `fanout`: webhook deliveries per second and event created → delivered latency with 100
 //!   subscriptions calling a receiver inside the bench (the service must be allowed to call
 //!   loopback, as the local run is).
@@ -31,6 +33,9 @@ struct Args {
     /// The service's NATS server (`./scripts/run` prints it).
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// The service's PostgreSQL (`./scripts/run` prints it); the projection scenario reads it.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
     /// An API key, when the service requires one.
     #[arg(long, env = "EVENT_BENCH_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -48,6 +53,7 @@ struct Args {
 enum Scenario {
     Create,
     Processing,
+    Projection,
     Fanout,
 }
 
@@ -70,6 +76,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if bench.args.scenarios.contains(&Scenario::Processing) {
         bench.processing().await?;
+    }
+    if bench.args.scenarios.contains(&Scenario::Projection) {
+        bench.projection().await?;
     }
     if bench.args.scenarios.contains(&Scenario::Fanout) {
         bench.fanout().await?;
@@ -247,6 +256,92 @@ impl Bench {
         }
         let _ = delete.send().await;
         let _ = js.delete_stream("BENCH_OUT").await;
+        Ok(())
+    }
+}
+
+impl Bench {
+    /// Events over 100 streams in batches, then one at a time to a single stream.
+    async fn projection(&self) -> anyhow::Result<()> {
+        let Some(url) = &self.args.database_url else {
+            println!("projection: skipped (pass --database-url)");
+            return Ok(());
+        };
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(url).await?;
+        let kind = format!("bench{}", uuid::Uuid::now_v7().simple());
+        let total: i64 = if self.args.quick { 10_000 } else { 50_000 };
+        let applied = |pool: sqlx::PgPool, kind: String| async move {
+            sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT sum(version)::bigint FROM event.event_projections WHERE projection_name = 'default' AND entity_type = $1",
+            )
+            .bind(kind)
+            .fetch_one(&pool)
+            .await
+            .map(|sum| sum.unwrap_or(0))
+        };
+        let started = Instant::now();
+        let mut sends = futures::stream::iter((0..total / 1000).map(|b| {
+            let events: Vec<Value> = (0..1000)
+                .map(|i| {
+                    json!({"event_type": "bench.projected", "stream_id": format!("{kind}:{}", i % 100),
+                                "data": {"batch": b, "i": i}})
+                })
+                .collect();
+            self.post("/api/v1/events/batch").json(&events).send()
+        }))
+        .buffer_unordered(4);
+        while let Some(response) = sends.next().await {
+            let response = response?;
+            if !response.status().is_success() {
+                bail!("batch refused: {}", response.text().await?);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while applied(pool.clone(), kind.clone()).await? < total && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = started.elapsed();
+        let done = applied(pool.clone(), kind.clone()).await?;
+        println!(
+            "projector throughput: {done} of {total} events applied over 100 streams in {:.2} s = {:.0} events/s",
+            elapsed.as_secs_f64(),
+            done as f64 / elapsed.as_secs_f64()
+        );
+        let count = if self.args.quick { 200 } else { 1_000 };
+        let mut histogram = new_histogram();
+        let stream = format!("{kind}-latency:one");
+        let started = Instant::now();
+        for i in 0..count {
+            let sent = Instant::now();
+            let response = self
+                .post("/api/v1/events/create")
+                .json(&json!({"event_type": "bench.projected", "stream_id": stream, "data": {"i": i}}))
+                .send()
+                .await?;
+            if !response.status().is_success() {
+                bail!("create refused: {}", response.text().await?);
+            }
+            let wait_until = Instant::now() + Duration::from_secs(10);
+            loop {
+                let version: Option<i64> = sqlx::query_scalar(
+                    "SELECT version FROM event.event_projections WHERE projection_name = 'default' \
+                     AND entity_type = $1 AND entity_id = 'one'",
+                )
+                .bind(format!("{kind}-latency"))
+                .fetch_optional(&pool)
+                .await?;
+                if version.unwrap_or(0) > i {
+                    record(&mut histogram, sent.elapsed());
+                    break;
+                }
+                if Instant::now() > wait_until {
+                    println!("  event {i} was not projected within 10 s");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_micros(300)).await;
+            }
+        }
+        report("create → projection updated (stored by the projector)", &histogram, histogram.len(), started.elapsed());
         Ok(())
     }
 }

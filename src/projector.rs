@@ -28,6 +28,8 @@ use crate::store;
 
 pub const STAGE: &str = "projector";
 const GROUP: &str = "projector";
+/// How long a batch waits for the persister before NAKing what is not stored yet.
+const STORE_WAIT: Duration = Duration::from_millis(100);
 const NOT_STORED_RETRY: Duration = Duration::from_millis(250);
 const OUTAGE_RETRY: Duration = Duration::from_secs(2);
 pub const EVENT_PROJECTION_CREATED: &str = "event.projection.created";
@@ -87,7 +89,7 @@ impl BatchHandler for Handler {
             return outcomes;
         }
         let ids: Vec<uuid::Uuid> = in_streams.iter().map(|(_, id, _)| *id).collect();
-        let stored = match store::stored_ids(&self.pool, &ids).await {
+        let stored = match self.wait_until_stored(&ids).await {
             Ok(stored) => stored,
             Err(error) => {
                 tracing::warn!(stage = STAGE, error = %error, "cannot read stored events; retrying the batch");
@@ -114,6 +116,22 @@ impl BatchHandler for Handler {
 }
 
 impl Handler {
+    /// The events among `ids` that PostgreSQL has, waiting up to [`STORE_WAIT`] for the
+    /// persister, which usually is a few milliseconds behind.
+    async fn wait_until_stored(
+        &self,
+        ids: &[uuid::Uuid],
+    ) -> Result<std::collections::HashSet<uuid::Uuid>, sqlx::Error> {
+        let deadline = tokio::time::Instant::now() + STORE_WAIT;
+        loop {
+            let stored = store::stored_ids(&self.pool, ids).await?;
+            if stored.len() == ids.len() || tokio::time::Instant::now() >= deadline {
+                return Ok(stored);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// Folds what is new in these streams into every projection that covers them.
     async fn project(&self, streams: Vec<String>) -> Result<Vec<Projection>, sqlx::Error> {
         if streams.is_empty() {
