@@ -57,6 +57,8 @@ pub trait BatchHandler: Send + Sync {
 
 /// How long without a message before [`BatchHandler::idle`] runs.
 pub const IDLE_AFTER: Duration = Duration::from_secs(1);
+/// Yields without a new message after which a batch is handed over as it is.
+const GATHER_YIELDS: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {
@@ -129,12 +131,21 @@ impl ConsumeLoop {
                     }
                     Some(Ok(message)) => batch.push(message),
                 }
-                // Take whatever else is already here, without waiting: batches grow with load
-                // and a lone event is not held back.
-                while batch.len() < self.max_batch {
+                // Take whatever else is already here, without waiting on a timer: batches grow
+                // with load and a lone event is not held back. A few yields let the client's
+                // reader parse the rest of a socket read that is already in.
+                let mut idle_yields = 0;
+                while batch.len() < self.max_batch && idle_yields < GATHER_YIELDS {
                     match messages.next().now_or_never() {
-                        Some(Some(Ok(message))) => batch.push(message),
-                        _ => break,
+                        Some(Some(Ok(message))) => {
+                            batch.push(message);
+                            idle_yields = 0;
+                        }
+                        Some(_) => break,
+                        None => {
+                            idle_yields += 1;
+                            tokio::task::yield_now().await;
+                        }
                     }
                 }
                 let outcomes = handler.handle(&batch).await;
