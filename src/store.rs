@@ -256,7 +256,7 @@ async fn insert_events(
 /// events, the processor moving statuses). The rows of a data-modifying statement are locked
 /// in no fixed order, so without it two such transactions can deadlock on the shared counter
 /// rows; they would wait for each other on those rows anyway.
-pub(crate) async fn lock_rollups(tx: &mut sqlx::Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+pub async fn lock_rollups(tx: &mut sqlx::Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
     const ROLLUPS_LOCK: i64 = 0x6576_5f72_6f6c_6c75;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(ROLLUPS_LOCK).execute(&mut **tx).await?;
     Ok(())
@@ -483,8 +483,24 @@ impl EventFilter {
     }
 }
 
+/// How many events a query matches: exact, or a lower bound when counting would mean reading
+/// more than [`COUNT_BEYOND_PAGE`] rows past the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Total {
+    pub count: i64,
+    pub exact: bool,
+}
+
+/// Rows counted past the end of the requested page before a total is given as "at least".
+pub const COUNT_BEYOND_PAGE: i64 = 100_000;
+
 /// Matching events, newest first, and how many match in all.
-pub async fn query_events(pool: &PgPool, filter: &EventFilter) -> Result<(Vec<StoredEvent>, i64), sqlx::Error> {
+///
+/// The total comes from the statistics rollups when the filter is one they count (any of user,
+/// type, source, category; or status, with or without user), which is exact and independent
+/// of the table's size. Other filters count matching rows up to [`COUNT_BEYOND_PAGE`] past
+/// the page, so a broad filter over millions of events still answers in milliseconds.
+pub async fn query_events(pool: &PgPool, filter: &EventFilter) -> Result<(Vec<StoredEvent>, Total), sqlx::Error> {
     let mut select = QueryBuilder::new(format!("SELECT {EVENT_COLUMNS} FROM event.events"));
     filter.push_where(&mut select);
     select
@@ -493,14 +509,75 @@ pub async fn query_events(pool: &PgPool, filter: &EventFilter) -> Result<(Vec<St
         .push(" OFFSET ")
         .push_bind(filter.offset);
     let events: Vec<StoredEvent> = select.build_query_as().fetch_all(pool).await?;
-    let total = if filter.offset == 0 && (events.len() as i64) < filter.limit {
-        events.len() as i64
-    } else {
-        let mut count = QueryBuilder::new("SELECT count(*) FROM event.events");
-        filter.push_where(&mut count);
-        count.build_query_scalar().fetch_one(pool).await?
+    if filter.offset == 0 && (events.len() as i64) < filter.limit {
+        let count = events.len() as i64;
+        return Ok((events, Total { count, exact: true }));
+    }
+    if let Some(count) = count_from_rollups(pool, filter).await? {
+        return Ok((events, Total { count, exact: true }));
+    }
+    let cap = filter.offset.saturating_add(filter.limit).saturating_add(COUNT_BEYOND_PAGE);
+    let mut count = QueryBuilder::new("SELECT count(*) FROM (SELECT 1 FROM event.events");
+    filter.push_where(&mut count);
+    count.push(" LIMIT ").push_bind(cap).push(") AS matching");
+    let counted: i64 = count.build_query_scalar().fetch_one(pool).await?;
+    Ok((events, Total { count: counted, exact: counted < cap }))
+}
+
+/// The exact number of matching events from the rollups, when the filter is one they count.
+async fn count_from_rollups(pool: &PgPool, filter: &EventFilter) -> Result<Option<i64>, sqlx::Error> {
+    if filter.start_time.is_some() || filter.end_time.is_some() || filter.data.is_some() {
+        return Ok(None);
+    }
+    let by_kind = filter.event_type.is_some() || filter.event_source.is_some() || filter.event_category.is_some();
+    let mut sql = match (filter.status, by_kind, &filter.user_id) {
+        (Some(status), false, None) => {
+            let mut sql =
+                QueryBuilder::new("SELECT COALESCE(sum(events), 0)::bigint FROM event.rollup_status WHERE status = ");
+            sql.push_bind(status.as_str());
+            sql
+        }
+        (Some(status), false, Some(user_id)) => {
+            let mut sql = QueryBuilder::new(
+                "SELECT COALESCE(sum(events), 0)::bigint FROM event.rollup_user_status WHERE status = ",
+            );
+            sql.push_bind(status.as_str()).push(" AND user_id = ").push_bind(user_id.clone());
+            sql
+        }
+        (Some(_), true, _) => return Ok(None),
+        (None, false, None) => {
+            QueryBuilder::new("SELECT COALESCE(sum(events), 0)::bigint FROM event.rollup_status WHERE TRUE")
+        }
+        (None, false, Some(user_id)) => {
+            let mut sql =
+                QueryBuilder::new("SELECT COALESCE(sum(events), 0)::bigint FROM event.rollup_users WHERE user_id = ");
+            sql.push_bind(user_id.clone());
+            sql
+        }
+        (None, true, user_id) => {
+            let mut sql = match user_id {
+                Some(user_id) => {
+                    let mut sql = QueryBuilder::new(
+                        "SELECT COALESCE(sum(events), 0)::bigint FROM event.rollup_user_daily WHERE user_id = ",
+                    );
+                    sql.push_bind(user_id.clone());
+                    sql
+                }
+                None => QueryBuilder::new("SELECT COALESCE(sum(events), 0)::bigint FROM event.rollup_daily WHERE TRUE"),
+            };
+            if let Some(event_type) = &filter.event_type {
+                sql.push(" AND event_type = ").push_bind(event_type.clone());
+            }
+            if let Some(source) = filter.event_source {
+                sql.push(" AND event_source = ").push_bind(source.as_str());
+            }
+            if let Some(category) = filter.event_category {
+                sql.push(" AND event_category = ").push_bind(category.as_str());
+            }
+            sql
+        }
     };
-    Ok((events, total))
+    Ok(Some(sql.build_query_scalar().fetch_one(pool).await?))
 }
 
 /// The spec's EventStatistics.

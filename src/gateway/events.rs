@@ -2,11 +2,13 @@
 //!
 //! Create and batch publish to EVENTS and answer once PostgreSQL has the events
 //! (read-your-writes), or 202 when that takes longer than the store timeout: the events are
-//! safe in JetStream either way. Reads go straight to PostgreSQL.
+//! safe in JetStream either way. A client sending `Prefer: respond-async` (RFC 7240) gets its
+//! 202 as soon as JetStream has acknowledged the events, without waiting for PostgreSQL.
+//! Reads go straight to PostgreSQL.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,16 +36,29 @@ pub struct EventView<'a> {
     status: EventStatus,
 }
 
-pub async fn create(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
     let event = ingest::parse_event(&body, &Defaults::http(Utc::now())).map_err(ApiError::Validation)?;
+    let view = EventView { event: &event, status: EventStatus::Pending };
+    if prefers_async(&headers) {
+        state.bus.publish(state.event_message(&event)?).await?;
+        return Ok(accepted_async(&view));
+    }
     let message = state.event_message(&event)?.with_header(bus::NOTIFY_HEADER, state.waiters.subject());
     let waiting = state.waiters.register(&[event.event_id]);
     let stored = state.bus.publish(message).await?;
     let in_database = waiting.wait(&state.pool, state.store_timeout, stored.duplicate).await;
-    Ok(answer(in_database, &EventView { event: &event, status: EventStatus::Pending }))
+    Ok(answer(in_database, &view))
 }
 
-pub async fn batch(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+pub async fn batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
     let Value::Array(items) = body else {
         return Err(ApiError::field("body", "must be a JSON array of events"));
     };
@@ -77,20 +92,44 @@ pub async fn batch(State(state): State<AppState>, JsonBody(body): JsonBody) -> R
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
+    let respond_async = prefers_async(&headers);
     let mut messages = Vec::with_capacity(events.len());
     for (index, event) in events.iter().enumerate() {
         let message = state.event_message(event).map_err(|error| match error {
             ApiError::EventTooLarge(detail) => ApiError::EventTooLarge(format!("[{index}]: {detail}")),
             other => other,
         })?;
-        messages.push((event.event_id, message.with_header(bus::NOTIFY_HEADER, state.waiters.subject())));
+        let message =
+            if respond_async { message } else { message.with_header(bus::NOTIFY_HEADER, state.waiters.subject()) };
+        messages.push((event.event_id, message));
+    }
+    let views: Vec<EventView> = events.iter().map(|event| EventView { event, status: EventStatus::Pending }).collect();
+    if respond_async {
+        publish_new(&state, messages).await?;
+        return Ok(accepted_async(&views));
     }
     let ids: Vec<Uuid> = events.iter().map(|event| event.event_id).collect();
     let waiting = state.waiters.register(&ids);
     let seen_before = publish_new(&state, messages).await?;
     let in_database = waiting.wait(&state.pool, state.store_timeout, seen_before).await;
-    let views: Vec<EventView> = events.iter().map(|event| EventView { event, status: EventStatus::Pending }).collect();
     Ok(answer(in_database, &views))
+}
+
+/// True when the request says `Prefer: respond-async`: answer once JetStream has the events.
+fn prefers_async(headers: &HeaderMap) -> bool {
+    headers.get_all("prefer").iter().filter_map(|value| value.to_str().ok()).any(|value| {
+        value.split(',').any(|preference| {
+            let name = preference.split(';').next().unwrap_or_default().trim();
+            name.eq_ignore_ascii_case("respond-async")
+        })
+    })
+}
+
+/// 202 with `Preference-Applied: respond-async`: in JetStream, stored shortly.
+fn accepted_async(body: &impl Serialize) -> Response {
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    response.headers_mut().insert("preference-applied", HeaderValue::from_static("respond-async"));
+    response
 }
 
 /// Publishes a batch atomically, leaving out the events that are already stored.
@@ -166,6 +205,8 @@ pub async fn get_event(
 pub struct QueryAnswer {
     events: Vec<StoredEvent>,
     total: i64,
+    /// False when `total` is a lower bound: the filter matches more events than were counted.
+    total_exact: bool,
     limit: i64,
     offset: i64,
     has_more: bool,
@@ -174,8 +215,15 @@ pub struct QueryAnswer {
 pub async fn query(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<QueryAnswer>, ApiError> {
     let filter = parse_filter(&body).map_err(ApiError::Validation)?;
     let (events, total) = store::query_events(&state.pool, &filter).await?;
-    let has_more = filter.offset + (events.len() as i64) < total;
-    Ok(Json(QueryAnswer { events, total, limit: filter.limit, offset: filter.offset, has_more }))
+    let has_more = filter.offset + (events.len() as i64) < total.count;
+    Ok(Json(QueryAnswer {
+        events,
+        total: total.count,
+        total_exact: total.exact,
+        limit: filter.limit,
+        offset: filter.offset,
+        has_more,
+    }))
 }
 
 /// Validates the body of `POST /api/v1/events/query`.
@@ -231,4 +279,27 @@ pub async fn statistics(
 ) -> Result<Json<store::Statistics>, ApiError> {
     let user_id = params.user_id.filter(|user| !user.is_empty());
     Ok(Json(store::statistics(&state.pool, user_id.as_deref(), Utc::now()).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefer(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append("prefer", HeaderValue::from_str(value).expect("test header"));
+        }
+        headers
+    }
+
+    #[test]
+    fn respond_async_is_found_among_other_preferences() {
+        assert!(prefers_async(&prefer(&["respond-async"])));
+        assert!(prefers_async(&prefer(&["return=minimal, Respond-Async; wait=0"])));
+        assert!(prefers_async(&prefer(&["return=minimal", "respond-async"])));
+        assert!(!prefers_async(&prefer(&["return=minimal"])));
+        assert!(!prefers_async(&prefer(&["respond-asynchronously"])));
+        assert!(!prefers_async(&HeaderMap::new()));
+    }
 }

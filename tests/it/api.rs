@@ -138,6 +138,44 @@ async fn create_without_a_persister_answers_202_with_the_event_safe_in_jetstream
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn respond_async_answers_once_jetstream_has_the_events() {
+    // No persister and a long store timeout: without the preference these requests would hang.
+    let mut app =
+        spawn_app_with(Options { start_persister: false, store_timeout_ms: 60_000, ..Options::default() }).await;
+    let started = std::time::Instant::now();
+    let response = app
+        .http
+        .post(app.url("/api/v1/events/create"))
+        .header("Prefer", "respond-async")
+        .json(&json!({"event_type": "async.one"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(response.headers()["preference-applied"], "respond-async");
+    let created: Value = response.json().await.unwrap();
+    let batch: Vec<Value> = (0..50).map(|i| json!({"event_type": "async.batch", "data": {"i": i}})).collect();
+    let response = app
+        .http
+        .post(app.url("/api/v1/events/batch"))
+        .header("Prefer", "return=minimal, respond-async")
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let accepted: Vec<Value> = response.json().await.unwrap();
+    assert_eq!(accepted.len(), 50);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "answered without waiting for PostgreSQL");
+
+    app.start_persister().await;
+    app.wait_for_events(51, std::time::Duration::from_secs(10)).await;
+    let (status, stored) = app.get(&format!("/api/v1/events/{}", created["event_id"].as_str().unwrap())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stored["event_type"], "async.one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_event_id_twice_is_one_row() {
     let app = spawn_app().await;
     let id = uuid::Uuid::now_v7().to_string();
@@ -323,6 +361,23 @@ async fn query_filters_pages_and_orders_newest_first() {
     assert_eq!(count(json!({"start_time": "2025-12-01T10:00:05Z", "end_time": "2025-12-01T10:00:08Z"})).await, 4);
     assert_eq!(count(json!({"data": {"tier": "gold"}})).await, 1);
     assert_eq!(count(json!({"user_id": null, "limit": null})).await, 12);
+    // A page smaller than the matches: totals come from the rollups, or from a bounded count.
+    for (filter, expected) in [
+        (json!({"limit": 1}), 12),
+        (json!({"user_id": "alice", "limit": 1}), 4),
+        (json!({"event_type": "order.placed", "limit": 1}), 4),
+        (json!({"event_source": "frontend", "limit": 1}), 6),
+        (json!({"event_category": "page_view", "user_id": "bob", "limit": 1}), 6),
+        (json!({"status": "pending", "limit": 1}), 12),
+        (json!({"status": "pending", "user_id": "alice", "limit": 1}), 4),
+        (json!({"status": "pending", "event_type": "order.placed", "limit": 1}), 4),
+        (json!({"start_time": "2025-12-01T10:00:05Z", "end_time": "2025-12-01T10:00:08Z", "limit": 1}), 4),
+    ] {
+        let (_, page) = app.post("/api/v1/events/query", &filter).await;
+        assert_eq!(page["total"].as_i64(), Some(expected), "{filter}: {page}");
+        assert_eq!(page["total_exact"], true, "{filter}");
+        assert_eq!(page["has_more"], true, "{filter}");
+    }
 
     for (bad, field) in [
         (json!({"limit": 0}), "limit"),
