@@ -1,148 +1,28 @@
-//! `event-bench`: measures a running event-service from the outside, the way users load it.
+//! Pipeline scenarios behind the store: processing with one `publish` processor, the
+//! projector, and webhook fan-out to 100 subscriptions.
 //!
-//! Scenarios (pick with `--scenarios`):
-//! - `create`: `POST /api/v1/events/create` latency (answered once stored) with N clients.
-//! - `processing`: processing throughput and create → processed latency with one `publish`
-//!   processor (registered by the bench, removed afterwards).
-//! - `projection`: projector throughput and create → projection updated latency (needs
-//!   `--database-url`, to see what the projector stored rather than a read-time fold).
-//! - `fanout`: webhook deliveries per second and event created → delivered latency with 100
-//!   subscriptions calling a receiver inside the bench (the service must be allowed to call
-//!   loopback, as the local run is).
-//!
-//! Reads HTTP answers and `event.processed.success` on NATS; writes events (type `bench.*`),
-//! one processor and one stream (`BENCH_OUT`), which it removes at the end.
+//! Reads `event.processed.success` on NATS, projection rows in PostgreSQL and what a receiver
+//! inside the bench is sent. Registers one processor, the stream `BENCH_OUT` and 100
+//! subscriptions, all removed at the end.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::{Parser, ValueEnum};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-#[derive(Parser)]
-#[command(version, about = "Measures a running event-service (start one with ./scripts/run)")]
-struct Args {
-    /// The service's HTTP address.
-    #[arg(long, env = "EVENT_BENCH_URL", default_value = "http://127.0.0.1:8230")]
-    url: String,
-    /// The service's NATS server (`./scripts/run` prints it).
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// The service's PostgreSQL (`./scripts/run` prints it); the projection scenario reads it.
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: Option<String>,
-    /// An API key, when the service requires one.
-    #[arg(long, env = "EVENT_BENCH_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
-    /// Small runs (under a minute) for before/after checks.
-    #[arg(long)]
-    quick: bool,
-    #[arg(long, value_delimiter = ',', default_value = "create,processing,fanout")]
-    scenarios: Vec<Scenario>,
-    /// Concurrent HTTP clients for the create scenario.
-    #[arg(long, default_value_t = 16)]
-    clients: usize,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Scenario {
-    Create,
-    Processing,
-    Projection,
-    Fanout,
-}
-
-struct Bench {
-    args: Args,
-    http: reqwest::Client,
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    event_service::callback::install_crypto_provider();
-    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
-    let bench = Bench { args, http };
-    let health: Value = bench.http.get(format!("{}/health", bench.args.url)).send().await?.json().await?;
-    println!("service {} at {}", health["version"], bench.args.url);
-    if bench.args.scenarios.contains(&Scenario::Create) {
-        bench.create_latency(1).await?;
-        bench.create_latency(bench.args.clients).await?;
-    }
-    if bench.args.scenarios.contains(&Scenario::Processing) {
-        bench.processing().await?;
-    }
-    if bench.args.scenarios.contains(&Scenario::Projection) {
-        bench.projection().await?;
-    }
-    if bench.args.scenarios.contains(&Scenario::Fanout) {
-        bench.fanout().await?;
-    }
-    Ok(())
-}
+use crate::Bench;
+use crate::report::{Limit, new_histogram, record};
 
 impl Bench {
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        let request = self.http.post(format!("{}{path}", self.args.url));
-        match &self.args.api_key {
-            Some(key) => request.bearer_auth(key),
-            None => request,
-        }
-    }
-
-    /// Single-event create, answered once PostgreSQL has the event.
-    async fn create_latency(&self, clients: usize) -> anyhow::Result<()> {
-        let total = if self.args.quick { 2_000 } else { 20_000 };
-        let per_client = total / clients.max(1);
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for client in 0..clients {
-            let request = self.post("/api/v1/events/create");
-            tasks.push(tokio::spawn(async move {
-                let mut histogram = new_histogram();
-                let mut failures = 0;
-                for i in 0..per_client {
-                    let body = json!({"event_type": "bench.create", "user_id": format!("bench-{}", i % 100),
-                                      "data": {"client": client, "i": i, "plan": "premium"}});
-                    let Some(request) = request.try_clone() else { break };
-                    let sent = Instant::now();
-                    match request.json(&body).send().await {
-                        Ok(response) if response.status() == reqwest::StatusCode::OK => {
-                            let _ = response.bytes().await;
-                            record(&mut histogram, sent.elapsed());
-                        }
-                        _ => failures += 1,
-                    }
-                }
-                (histogram, failures)
-            }));
-        }
-        let mut histogram = new_histogram();
-        let mut failures = 0;
-        for task in tasks {
-            let (part, failed) = task.await?;
-            histogram.add(part)?;
-            failures += failed;
-        }
-        let elapsed = started.elapsed();
-        report(&format!("create (stored), {clients} client(s)"), &histogram, histogram.len(), elapsed);
-        if failures > 0 {
-            println!("  {failures} requests were not answered 200");
-        }
-        Ok(())
-    }
-
     /// Throughput of the processor stage with one publish processor, then create → processed
     /// latency one event at a time.
-    async fn processing(&self) -> anyhow::Result<()> {
-        let nats = async_nats::connect(&self.args.nats_url)
-            .await
-            .with_context(|| format!("cannot reach NATS at {} (pass --nats-url)", self.args.nats_url))?;
+    pub async fn processing(&self) -> anyhow::Result<()> {
+        let nats = self.nats.clone();
         let js = async_nats::jetstream::new(nats.clone());
         js.create_stream(async_nats::jetstream::stream::Config {
             name: "BENCH_OUT".into(),
@@ -214,11 +94,16 @@ impl Bench {
         };
         let elapsed = last.duration_since(started);
         println!(
-            "processing throughput, one publish processor: {done} of {total} events processed in {:.2} s = {:.0} events/s \
-             (ingest took {:.2} s)",
+            "  {done} of {total} events processed in {:.2} s (ingest took {:.2} s)",
             elapsed.as_secs_f64(),
-            done as f64 / elapsed.as_secs_f64(),
             accepted.as_secs_f64()
+        );
+        self.report.rate(
+            "Processing, one `publish` processor",
+            done as f64 / elapsed.as_secs_f64(),
+            "ev",
+            "> 500 ev/s per processor (spec)",
+            Limit::None,
         );
 
         // Latency: create (stored) → processed, one at a time.
@@ -247,14 +132,10 @@ impl Bench {
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
         }
-        report("create → processed (one publish processor)", &histogram, histogram.len(), started.elapsed());
+        self.report.latency("create → processed (one `publish` processor)", &histogram, started.elapsed(), "");
 
         listener.abort();
-        let mut delete = self.http.delete(format!("{}/api/v1/events/processors/bench-publish", self.args.url));
-        if let Some(key) = &self.args.api_key {
-            delete = delete.bearer_auth(key);
-        }
-        let _ = delete.send().await;
+        let _ = self.delete("/api/v1/events/processors/bench-publish").send().await;
         let _ = js.delete_stream("BENCH_OUT").await;
         Ok(())
     }
@@ -262,12 +143,9 @@ impl Bench {
 
 impl Bench {
     /// Events over 100 streams in batches, then one at a time to a single stream.
-    async fn projection(&self) -> anyhow::Result<()> {
-        let Some(url) = &self.args.database_url else {
-            println!("projection: skipped (pass --database-url)");
-            return Ok(());
-        };
-        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(url).await?;
+    pub async fn projection(&self) -> anyhow::Result<()> {
+        let Some(pool) = self.pool("projection") else { return Ok(()) };
+        let pool = pool.clone();
         let kind = format!("bench{}", uuid::Uuid::now_v7().simple());
         let total: i64 = if self.args.quick { 10_000 } else { 50_000 };
         let applied = |pool: sqlx::PgPool, kind: String| async move {
@@ -302,11 +180,8 @@ impl Bench {
         }
         let elapsed = started.elapsed();
         let done = applied(pool.clone(), kind.clone()).await?;
-        println!(
-            "projector throughput: {done} of {total} events applied over 100 streams in {:.2} s = {:.0} events/s",
-            elapsed.as_secs_f64(),
-            done as f64 / elapsed.as_secs_f64()
-        );
+        println!("  {done} of {total} events applied over 100 streams in {:.2} s", elapsed.as_secs_f64());
+        self.report.rate("Projector, 100 streams", done as f64 / elapsed.as_secs_f64(), "ev", "", Limit::None);
         let count = if self.args.quick { 200 } else { 1_000 };
         let mut histogram = new_histogram();
         let stream = format!("{kind}-latency:one");
@@ -341,7 +216,7 @@ impl Bench {
                 tokio::time::sleep(Duration::from_micros(300)).await;
             }
         }
-        report("create → projection updated (stored by the projector)", &histogram, histogram.len(), started.elapsed());
+        self.report.latency("create → projection updated", &histogram, started.elapsed(), "");
         Ok(())
     }
 }
@@ -356,7 +231,7 @@ struct Fanout {
 
 impl Bench {
     /// 100 subscriptions, every event delivered to each, to a receiver in this process.
-    async fn fanout(&self) -> anyhow::Result<()> {
+    pub async fn fanout(&self) -> anyhow::Result<()> {
         let subscriptions = 100;
         let events: usize = if self.args.quick { 200 } else { 1_000 };
         let state: Arc<Mutex<Fanout>> =
@@ -422,13 +297,18 @@ impl Bench {
             let delivered = state.seen.len();
             let duplicates = state.seen.values().filter(|count| **count > 1).count();
             println!(
-                "fan-out to {subscriptions} subscriptions: {delivered} of {expected} deliveries in {:.2} s = {:.0} \
-                 deliveries/s ({duplicates} duplicated)",
-                elapsed.as_secs_f64(),
-                delivered as f64 / elapsed.as_secs_f64()
+                "  {delivered} of {expected} deliveries in {:.2} s, {duplicates} duplicated",
+                elapsed.as_secs_f64()
+            );
+            self.report.rate(
+                &format!("Webhook fan-out, {events} events × {subscriptions} subscriptions"),
+                delivered as f64 / elapsed.as_secs_f64(),
+                "delivery",
+                "",
+                Limit::None,
             );
             if let Some(latency) = &state.latency {
-                report("  created → delivered during that burst", latency, latency.len(), elapsed);
+                self.report.latency("created → delivered during that burst", latency, elapsed, "");
             }
             state.latency = Some(new_histogram());
         }
@@ -452,42 +332,17 @@ impl Bench {
             }
         }
         if let Some(latency) = &state.lock().await.latency {
-            report(
+            self.report.latency(
                 &format!("created → delivered, one event at a time to {subscriptions} subscriptions"),
                 latency,
-                latency.len(),
                 started.elapsed(),
+                "",
             );
         }
         server.abort();
         for i in 0..subscriptions {
-            let mut delete = self.http.delete(format!("{}/api/v1/events/subscriptions/bench-fan-{i}", self.args.url));
-            if let Some(key) = &self.args.api_key {
-                delete = delete.bearer_auth(key);
-            }
-            let _ = delete.send().await;
+            let _ = self.delete(&format!("/api/v1/events/subscriptions/bench-fan-{i}")).send().await;
         }
         Ok(())
     }
-}
-
-fn new_histogram() -> Histogram<u64> {
-    // Microseconds, 1 µs to 1 h, three significant digits.
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds are valid")
-}
-
-fn record(histogram: &mut Histogram<u64>, elapsed: Duration) {
-    let _ = histogram.record((elapsed.as_micros() as u64).max(1));
-}
-
-fn report(name: &str, histogram: &Histogram<u64>, count: u64, elapsed: Duration) {
-    let ms = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1000.0;
-    println!(
-        "{name}: n={count} p50={:.2} ms p95={:.2} ms p99={:.2} ms max={:.2} ms, {:.0}/s",
-        ms(0.5),
-        ms(0.95),
-        ms(0.99),
-        histogram.max() as f64 / 1000.0,
-        count as f64 / elapsed.as_secs_f64()
-    );
 }
