@@ -492,7 +492,9 @@ pub struct Total {
 }
 
 /// Rows counted past the end of the requested page before a total is given as "at least".
-pub const COUNT_BEYOND_PAGE: i64 = 100_000;
+/// Counting is the costly part of a broad query (a data filter matching a third of 10 M events:
+/// 126 ms to count 100 000 matches, 3 ms for the page), so the bound stays small.
+pub const COUNT_BEYOND_PAGE: i64 = 10_000;
 
 /// Matching events, newest first, and how many match in all.
 ///
