@@ -375,11 +375,15 @@ pub async fn lock_projections(
     tx: &mut Transaction<'_, Postgres>,
     stream_ids: &[String],
 ) -> Result<HashMap<(String, String), Projection>, sqlx::Error> {
+    let (entity_types, entity_ids): (Vec<&str>, Vec<&str>) =
+        stream_ids.iter().filter_map(|stream_id| split_stream_id(stream_id)).unzip();
     let rows: Vec<Projection> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {PROJECTION_COLUMNS} FROM event.event_projections \
-         WHERE entity_type || ':' || entity_id = ANY($1) ORDER BY projection_id FOR UPDATE"
+         WHERE (entity_type, entity_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+         ORDER BY projection_id FOR UPDATE"
     )))
-    .bind(stream_ids)
+    .bind(entity_types)
+    .bind(entity_ids)
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows
