@@ -269,10 +269,21 @@ impl Bench {
             else {
                 continue;
             };
+            let mut idle_since: Option<Instant> = None;
             loop {
                 let info = consumer.info().await?;
                 if info.num_pending == 0 && info.num_ack_pending == 0 {
                     break;
+                }
+                // A stage that is not deployed (a running service split into binaries) never
+                // catches up: after 10 s without anyone pulling, stop waiting for it.
+                if info.num_waiting == 0 && info.num_ack_pending == 0 {
+                    if idle_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(10) {
+                        println!("  (nobody consumes `{name}`: not waiting for it)");
+                        break;
+                    }
+                } else {
+                    idle_since = None;
                 }
                 if Instant::now() > deadline {
                     anyhow::bail!("{name} still had {} events to go after 15 minutes", info.num_pending);
