@@ -222,13 +222,13 @@ async fn catch_up(pool: &PgPool, bus: &Bus, snapshot_every: i64, token: &Cancell
             if token.is_cancelled() {
                 return Ok(());
             }
-            let pattern =
-                if definition.entity_type == "*" { "%".to_owned() } else { format!("{}:%", definition.entity_type) };
+            // The stream's entity type, compared exactly: a LIKE prefix would let `_` in
+            // `order_item` match `order-item` streams too.
             let page: Vec<String> = sqlx::query_scalar(
-                "SELECT stream_id FROM event.event_streams WHERE stream_id LIKE $1 AND stream_id > $2 \
+                "SELECT stream_id FROM event.event_streams WHERE ($1 = '*' OR entity_type = $1) AND stream_id > $2 \
                  ORDER BY stream_id LIMIT 500",
             )
-            .bind(pattern)
+            .bind(&definition.entity_type)
             .bind(&after)
             .fetch_all(pool)
             .await?;

@@ -130,9 +130,14 @@ async fn new_definitions_catch_up_on_history_and_stay_live() {
     {
         app.create(json!({"event_type": kind, "stream_id": format!("order:{entity}"), "data": {"kind": kind}})).await;
     }
+    // Entity types that a LIKE pattern would confuse (`_` matches any character).
+    for stream_id in ["line_item:1", "line-item:1"] {
+        app.create(json!({"event_type": "line.added", "stream_id": stream_id, "data": {}})).await;
+    }
     for body in [
         json!({"name": "order_types", "entity_type": "order", "reducer": "by_type"}),
         json!({"name": "order_counts", "entity_type": "order", "reducer": "counter", "event_types": ["order.*"]}),
+        json!({"name": "line_counts", "entity_type": "line_item", "reducer": "counter"}),
     ] {
         let (status, definition) = app.post("/api/v1/events/projections/definitions", &body).await;
         assert_eq!(status, StatusCode::OK, "{definition}");
@@ -158,13 +163,15 @@ async fn new_definitions_catch_up_on_history_and_stay_live() {
     );
     let (_, listed) = app.get("/api/v1/events/projections/definitions").await;
     let names: Vec<&str> = listed.as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["default", "order_types", "order_counts"]);
+    assert_eq!(names, ["default", "order_types", "order_counts", "line_counts"]);
     wait_until(Duration::from_secs(10), || async {
         let (_, listed) = app.get("/api/v1/events/projections/definitions").await;
         listed.as_array().unwrap().iter().all(|d| d["status"] == "live").then_some(())
     })
     .await
     .expect("definitions go live");
+    assert_eq!(stored_version(&app, "line_counts", "line_item", "1").await, 1);
+    assert_eq!(stored_version(&app, "line_counts", "line-item", "1").await, 0, "another entity type");
 
     // Live from now on.
     app.create(json!({"event_type": "order.paid", "stream_id": "order:2", "data": {}})).await;
