@@ -29,6 +29,6 @@ async fn main() -> anyhow::Result<()> {
     let (bus, pool) =
         service::connect_and_set_up(nats_url, &args.nats, database_url, &args.database, "event-dispatcher").await?;
     service::run_dispatching(bus.clone(), pool, &args.dispatcher, &args.callbacks, token).await?;
-    bus.client().flush().await?;
+    bus.flush_at_exit().await;
     Ok(())
 }

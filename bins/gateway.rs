@@ -28,6 +28,6 @@ async fn main() -> anyhow::Result<()> {
         service::connect_and_set_up(nats_url, &args.nats, database_url, &args.database, "event-gateway").await?;
     let listener = tokio::net::TcpListener::bind(args.gateway.http_addr).await?;
     Gateway::build(bus.clone(), pool, &args.gateway, token.clone()).await?.run(listener, token).await?;
-    bus.client().flush().await?;
+    bus.flush_at_exit().await;
     Ok(())
 }

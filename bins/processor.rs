@@ -29,6 +29,6 @@ async fn main() -> anyhow::Result<()> {
     let (bus, pool) =
         service::connect_and_set_up(nats_url, &args.nats, database_url, &args.database, "event-processor").await?;
     service::run_processing(bus.clone(), pool, &args.processor, &args.callbacks, token).await?;
-    bus.client().flush().await?;
+    bus.flush_at_exit().await;
     Ok(())
 }

@@ -27,6 +27,6 @@ async fn main() -> anyhow::Result<()> {
     let (bus, pool) =
         service::connect_and_set_up(nats_url, &args.nats, database_url, &args.database, "event-projector").await?;
     service::run_projector(bus.clone(), pool, &args.projector, token).await?;
-    bus.client().flush().await?;
+    bus.flush_at_exit().await;
     Ok(())
 }

@@ -165,6 +165,17 @@ impl Bus {
         &self.client
     }
 
+    /// Flushes what is still buffered (the last acks and publishes) before the process exits,
+    /// waiting at most 5 s: with NATS unreachable a plain flush would wait for a reconnection
+    /// forever and SIGTERM would never end the process.
+    pub async fn flush_at_exit(&self) {
+        match tokio::time::timeout(Duration::from_secs(5), self.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(error = %error, "nats flush failed at shutdown"),
+            Err(_) => tracing::warn!("nats unreachable at shutdown: unflushed acks will be redelivered"),
+        }
+    }
+
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.jetstream
     }

@@ -129,8 +129,6 @@ pub async fn run_all(
     let (http, store, processing, dispatching, projecting) =
         tokio::join!(http, store, processing, dispatching, projecting);
     // The NATS client flushes last, so every ack and publish above leaves the process.
-    if let Err(error) = bus.client().flush().await {
-        tracing::warn!(error = %error, "nats flush failed at shutdown");
-    }
+    bus.flush_at_exit().await;
     http.and(store).and(processing).and(dispatching).and(projecting)
 }
