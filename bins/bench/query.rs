@@ -141,7 +141,9 @@ async fn seed(pool: &PgPool, from: usize, count: usize) -> anyhow::Result<usize>
                 "event_category": categories[n % categories.len()],
                 "user_id": format!("seed-user-{user}"),
                 "session_id": format!("seed-session-{}", n / 20),
-                "timestamp": (now - Days::seconds((n % (30 * 86_400)) as i64)).to_rfc3339(),
+                // Spread over the last 30 days whatever the count (7 919 is prime to 30 days in
+                // seconds), so the one-day query finds events in `--quick` runs too.
+                "timestamp": (now - Days::seconds(((n * 7_919) % (30 * 86_400)) as i64)).to_rfc3339(),
                 "data": {"order_id": format!("o-{n}"), "amount": (n % 997) as f64 * 1.25, "currency": "EUR",
                          "items": n % 7 + 1, "plan": if n.is_multiple_of(3) { "premium" } else { "basic" }},
                 "metadata": {"seed": true}
