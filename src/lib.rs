@@ -18,6 +18,7 @@
 //!   [`processor`] (the stage): event processing. [`replay`]: replay jobs.
 //! - [`subscriptions`] and [`dispatcher`]: subscriptions and their webhook deliveries.
 //! - [`projections`] and [`projector`]: event sourcing, entity projections and time travel.
+//! - [`watermark`]: how far the persister has stored, for the stages that wait for it.
 //! - [`callback`]: the guard and HTTP client for outgoing callbacks.
 //! - [`service`]: running stages together.
 //! - [`local`]: private nats-server and PostgreSQL for the local run and the tests.
@@ -46,3 +47,4 @@ pub mod store;
 pub mod subject;
 pub mod subscriptions;
 pub mod telemetry;
+pub mod watermark;

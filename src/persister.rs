@@ -1,11 +1,17 @@
 //! The persister stage: stores every event of EVENTS in PostgreSQL, in stream order.
 //!
-//! Reads the durable `persister` consumer of EVENTS. Writes `event.events`, stream versions,
-//! rollups and its stream position (one transaction per batch), then `event.stored` on
-//! EVENT_SERVICE, then tells waiting gateways (core NATS) that their events are stored, then
-//! acks.
+//! Reads the durable `persister` consumer of EVENTS, and the processor registry. Writes
+//! `event.events`, stream versions, rollups and its stream position (one transaction per
+//! batch), then the position on `_EVSVC.persisted` (core NATS, for [`crate::watermark`]),
+//! then `event.stored` on EVENT_SERVICE, then tells waiting gateways (core NATS) that their
+//! events are stored, then acks.
 //!
 //! Guarantees:
+//! - An event that some enabled processor takes is stored `pending`, for the processor stage.
+//!   One that none takes has nothing to wait for and is stored `processed` (`processors: []`)
+//!   in the same write, instead of being rewritten a moment later. Where the registry changes
+//!   in between, the processor stage's view wins: it runs what matches then and writes the
+//!   status itself.
 //! - An event is acked only after its row is committed and its `event.stored` acknowledged.
 //!   Storing is idempotent by event id; what cannot be parsed or validated goes to
 //!   `deadletter.persister`.
@@ -34,10 +40,12 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::bus::{self, Bus, BusError, Outgoing};
+use crate::callback::Guard;
 use crate::consume::{self, BatchHandler, ConsumeLoop, Original, Outcome, Rejection};
 use crate::ingest::{self, Defaults};
-use crate::model::{EventCategory, EventSource, event_id_from_key};
-use crate::settings::PersisterArgs;
+use crate::model::{EventCategory, EventSource, EventStatus, event_id_from_key};
+use crate::processors::Registry;
+use crate::settings::{CallbackArgs, PersisterArgs};
 use crate::store::{self, Advance, Incoming, InsertOutcome};
 use crate::{db, subject};
 
@@ -50,7 +58,7 @@ const MAX_GAP_FILL: u64 = 10_000;
 pub enum PersisterError {
     #[error(transparent)]
     Bus(#[from] BusError),
-    #[error("cannot read the persister position")]
+    #[error("cannot read the persister position or the processor registry")]
     Database(#[from] sqlx::Error),
 }
 
@@ -90,15 +98,19 @@ impl Persister {
             max_batch: settings.batch_size.max(1),
             group: None,
         };
-        let handler = Handler { pool, bus, events, token: CancellationToken::new() };
+        // Only which processors take an event matters here, never how they call out.
+        let processors = Registry::load(pool.clone(), Guard::new(&CallbackArgs::default())).await?;
+        let handler = Handler { pool, bus, events, processors, token: CancellationToken::new() };
         Ok(Self { consume, handler })
     }
 
     pub async fn run(mut self, token: CancellationToken) -> anyhow::Result<()> {
         self.handler.token = token.clone();
         tracing::info!(stage = STAGE, "persister running");
-        self.consume.run(&self.handler, token).await?;
-        Ok(())
+        let watch = tokio::spawn(self.handler.processors.clone().watch(self.handler.bus.clone(), token.clone()));
+        let result = self.consume.run(&self.handler, token).await;
+        watch.abort();
+        Ok(result?)
     }
 }
 
@@ -106,6 +118,7 @@ struct Handler {
     pool: PgPool,
     bus: Bus,
     events: Stream,
+    processors: std::sync::Arc<Registry>,
     token: CancellationToken,
 }
 
@@ -249,10 +262,16 @@ impl Handler {
             }
         }
 
+        let processors = self.processors.snapshot();
         let mut to_store = Vec::with_capacity(within.len());
         for envelope in within {
             match decode(envelope) {
-                Ok(incoming) => to_store.push((envelope, incoming)),
+                Ok(mut incoming) => {
+                    if !processors.takes(&incoming.event) {
+                        incoming.status = EventStatus::Processed;
+                    }
+                    to_store.push((envelope, incoming));
+                }
                 Err(rejection) => match envelope.position {
                     Some(position) => outcomes[position] = Outcome::Reject(rejection),
                     // Read from the stream: dead-letter it now, before the position passes it.
@@ -277,6 +296,11 @@ impl Handler {
                 None => return Attempt::GiveBack(Duration::ZERO),
             },
         };
+        // The stages that wait for rows (processor, projector) go on now. Best effort: they
+        // also read the position themselves.
+        if let Err(error) = self.bus.notify(subject::PERSISTED.to_owned(), Bytes::from(last.to_string())).await {
+            tracing::debug!(stage = STAGE, error = %error, "cannot announce the position");
+        }
         for (envelope, incoming) in to_store {
             if envelope.position.is_some_and(|position| outcomes[position] != Outcome::Ack) {
                 continue;
@@ -586,7 +610,7 @@ pub fn decode_message(
             .join("; ");
         Rejection { code: "validation_failed", detail }
     })?;
-    Ok(Incoming { event, stream_seq: envelope.seq, subject: envelope.subject.to_owned() })
+    Ok(Incoming { event, stream_seq: envelope.seq, subject: envelope.subject.to_owned(), status: EventStatus::Pending })
 }
 
 struct DecodeInput<'a> {

@@ -341,15 +341,46 @@ pub async fn record_in(
     if changes.is_empty() { Ok(Default::default()) } else { change_statuses(tx, changes).await }
 }
 
-/// Moves events to new statuses and the rollups with them, in one statement.
+/// Moves events to new statuses, then the rollups with them. Returns the events that are
+/// stored, moved or not. A change whose event is not in one of its `only_from` statuses (an
+/// event nothing takes, already stored `processed`) costs one read and no write. The rollups
+/// lock is taken last and only when a count moves, so it is held for one short statement and
+/// the commit.
 async fn change_statuses(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     changes: &[StatusChange],
 ) -> Result<std::collections::HashSet<Uuid>, sqlx::Error> {
-    let mut changes: Vec<&StatusChange> = changes.iter().collect();
+    let ids: Vec<Uuid> = changes.iter().map(|change| change.event_id).collect();
+    let current: HashMap<Uuid, String> =
+        sqlx::query_as::<_, (Uuid, String)>("SELECT event_id, status FROM event.events WHERE event_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .collect();
+    let mut changes: Vec<&StatusChange> = changes
+        .iter()
+        .filter(|change| {
+            current.get(&change.event_id).is_some_and(|status| {
+                change.only_from.as_ref().is_none_or(|from| from.iter().any(|allowed| allowed == status))
+            })
+        })
+        .collect();
+    let found = current.into_keys().collect();
+    if changes.is_empty() {
+        return Ok(found);
+    }
     changes.sort_by_key(|change| change.event_id);
-    crate::store::lock_rollups(tx).await?;
-    let found: Vec<Uuid> = sqlx::query_scalar(
+    changes.dedup_by_key(|change| change.event_id);
+    #[derive(sqlx::FromRow)]
+    struct Moved {
+        old_status: String,
+        new_status: String,
+        user_id: Option<String>,
+        ms: f64,
+    }
+    // `only_from` is checked again under the row lock: another worker may have moved it.
+    let rows: Vec<Moved> = sqlx::query_as(
         "WITH input AS ( \
              SELECT * FROM jsonb_to_recordset($1) AS i(event_id uuid, status text, processors text[], \
                  error_message text, retry_count int, only_from text[]) \
@@ -368,34 +399,26 @@ async fn change_statuses(
                  updated_at = now() \
              FROM input i, old o WHERE e.event_id = i.event_id AND o.event_id = i.event_id \
              RETURNING e.event_id \
-         ), deltas AS ( \
-             SELECT old_status AS status, user_id, -1 AS d FROM old WHERE old_status <> new_status \
-             UNION ALL SELECT new_status, user_id, 1 FROM old WHERE old_status <> new_status \
-         ), by_status AS ( \
-             INSERT INTO event.rollup_status (status, events) \
-             SELECT status, sum(d)::bigint FROM deltas GROUP BY status \
-             ON CONFLICT (status) DO UPDATE SET events = event.rollup_status.events + EXCLUDED.events \
-         ), by_user AS ( \
-             INSERT INTO event.rollup_user_status (user_id, status, events) \
-             SELECT user_id, status, sum(d)::bigint FROM deltas WHERE user_id IS NOT NULL GROUP BY 1, 2 \
-             ON CONFLICT (user_id, status) DO UPDATE SET events = event.rollup_user_status.events + EXCLUDED.events \
-         ), done AS ( \
-             SELECT user_id, extract(epoch FROM now() - created_at) * 1000 AS ms FROM old \
-             WHERE new_status = 'processed' AND old_status <> 'processed' \
-         ), timing AS ( \
-             INSERT INTO event.rollup_processing (user_id, processed, total_ms) \
-             SELECT u, count(*), sum(ms) FROM ( \
-                 SELECT '' AS u, ms FROM done UNION ALL SELECT user_id, ms FROM done WHERE user_id IS NOT NULL \
-             ) t GROUP BY u \
-             ON CONFLICT (user_id) DO UPDATE SET processed = event.rollup_processing.processed + EXCLUDED.processed, \
-                 total_ms = event.rollup_processing.total_ms + EXCLUDED.total_ms \
          ) \
-         SELECT i.event_id FROM input i WHERE EXISTS (SELECT 1 FROM event.events e WHERE e.event_id = i.event_id)",
+         SELECT old_status, new_status, user_id, (extract(epoch FROM now() - created_at) * 1000)::float8 AS ms \
+         FROM old",
     )
     .bind(sqlx::types::Json(&changes))
     .fetch_all(&mut **tx)
     .await?;
-    Ok(found.into_iter().collect())
+    let mut counts = crate::store::StatusCounts::default();
+    for row in rows.iter().filter(|row| row.old_status != row.new_status) {
+        counts.add(row.user_id.as_deref(), &row.old_status, -1);
+        counts.add(row.user_id.as_deref(), &row.new_status, 1);
+        if row.new_status == "processed" {
+            counts.processed(row.user_id.as_deref(), row.ms);
+        }
+    }
+    if !counts.is_empty() {
+        crate::store::lock_rollups(tx).await?;
+        crate::store::add_status_counts(tx, &counts).await?;
+    }
+    Ok(found)
 }
 
 /// The domain event of one processor run.

@@ -12,9 +12,11 @@
 //!   different streams run concurrently. (A retried event is redelivered later, so order is
 //!   kept for first attempts only.)
 //! - Status: `pending` → `processing` (once processors have run for 200 ms, or while retries
-//!   are pending) → `processed` or `failed`.
-//! - When the event row is not in PostgreSQL yet, the status write waits for it (the message
-//!   is NAKed shortly; succeeded processors are not run again).
+//!   are pending) → `processed` or `failed`. An event that no processor takes is `processed`
+//!   (usually stored so by the persister).
+//! - Processors run as soon as the event is in JetStream; the status write then waits for the
+//!   persister (its position, [`crate::watermark`]), and an event still not stored after a
+//!   second is NAKed (succeeded processors are not run again).
 //! - Any number of workers share the consumer: each event is handled by one at a time.
 
 use std::collections::{BTreeMap, HashMap};
@@ -35,9 +37,12 @@ use crate::persister::decode_message;
 use crate::processing::{self, Prior, ResultStatus, RunResult, Runner, StatusChange};
 use crate::processors::{Registry, Runnable};
 use crate::settings::{CallbackArgs, ProcessorArgs};
+use crate::watermark::Watermark;
 
 pub const STAGE: &str = "processor";
 const STREAM: &str = "EVENTS";
+/// How long the status write waits for the persister before NAKing what is not stored yet.
+const STORE_WAIT: Duration = Duration::from_secs(1);
 /// How soon to look again when the event is not in PostgreSQL yet.
 const NOT_STORED_RETRY: Duration = Duration::from_millis(250);
 /// Processors running longer than this show their events as `processing`.
@@ -92,7 +97,8 @@ impl ProcessorStage {
             max_batch: settings.batch_size.max(1),
             group: None,
         };
-        let handler = Handler { pool, bus: bus.clone(), engine, settings: settings.clone() };
+        let watermark = Watermark::start(&bus, pool.clone()).await?;
+        let handler = Handler { pool, bus: bus.clone(), engine, watermark, settings: settings.clone() };
         Ok(Self { consume, handler, bus })
     }
 
@@ -110,6 +116,7 @@ struct Handler {
     pool: PgPool,
     bus: Bus,
     engine: Arc<Engine>,
+    watermark: Watermark,
     settings: ProcessorArgs,
 }
 
@@ -121,6 +128,7 @@ fn last_attempt(runnable: &Runnable, attempt: i32) -> bool {
 /// One event of the batch being worked on.
 struct Work {
     position: usize,
+    seq: u64,
     event: Event,
     payload: Bytes,
     /// (processor, attempt) still to run, in order.
@@ -157,6 +165,7 @@ impl BatchHandler for Handler {
             let matching = snapshot.matching(&incoming.event);
             work.push(Work {
                 position,
+                seq,
                 event: incoming.event,
                 payload,
                 to_run: Vec::new(),
@@ -228,6 +237,9 @@ impl BatchHandler for Handler {
             verdicts.push(outcome);
         }
         let all_results: Vec<RunResult> = results.values().flatten().cloned().collect();
+        // Processors ran while the persister stored; the status needs the row.
+        let last_seq = work.iter().map(|item| item.seq).max().unwrap_or(0);
+        self.watermark.wait_for(last_seq, STORE_WAIT).await;
         let written = match processing::record(&self.pool, &all_results, &changes).await {
             Ok(written) => written,
             Err(error) => {
@@ -325,6 +337,13 @@ impl Handler {
             retry_count: Some(retry_count),
             only_from: None,
         };
+        if item.matching.is_empty() {
+            // Nothing takes it: the persister usually stored it `processed` already, and then
+            // this changes nothing (no row is rewritten). It is still written, in case the
+            // persister saw a processor that is gone now.
+            let change = StatusChange { only_from: Some(vec!["pending", "processing"]), ..change("processed") };
+            return (change, Outcome::Ack);
+        }
         if let Some(first) = retrying.iter().map(|r| r.attempt).min() {
             return (change("processing"), Outcome::Retry { after: self.settings.retry_delay(first as u32) });
         }

@@ -439,6 +439,11 @@ impl Runnable {
     pub fn name(&self) -> &str {
         &self.processor.processor_name
     }
+
+    /// Enabled, and its filters match the event.
+    pub fn takes(&self, event: &Event) -> bool {
+        self.processor.enabled && self.processor.filters.matches(event)
+    }
 }
 
 /// The registry as workers see it: every processor whose config is runnable, highest
@@ -451,11 +456,12 @@ pub struct Snapshot {
 impl Snapshot {
     /// The enabled processors that take this event, in the order they run.
     pub fn matching(&self, event: &Event) -> Vec<Arc<Runnable>> {
-        self.processors
-            .iter()
-            .filter(|runnable| runnable.processor.enabled && runnable.processor.filters.matches(event))
-            .cloned()
-            .collect()
+        self.processors.iter().filter(|runnable| runnable.takes(event)).cloned().collect()
+    }
+
+    /// Whether any enabled processor takes this event.
+    pub fn takes(&self, event: &Event) -> bool {
+        self.processors.iter().any(|runnable| runnable.takes(event))
     }
 
     pub fn by_name(&self, name: &str) -> Option<Arc<Runnable>> {

@@ -370,8 +370,10 @@ const PROJECTION_COLUMNS: &str = "projection_id, projection_name, entity_type, e
                                   last_event_id, created_at, updated_at";
 const STREAM_EVENT_COLUMNS: &str = "event_id, event_type, data, stream_id, stream_version, \"timestamp\"";
 
-/// Stored projections of these streams, locked for update, keyed by (name, stream id).
-pub async fn lock_projections(
+/// Stored projections of these streams, keyed by (name, stream id). Not locked: folds that
+/// race (the live projector, a catch-up, a rebuild) each fold a correct prefix, and [`save`]
+/// keeps the longest.
+pub async fn stored_projections(
     tx: &mut Transaction<'_, Postgres>,
     stream_ids: &[String],
 ) -> Result<HashMap<(String, String), Projection>, sqlx::Error> {
@@ -379,8 +381,7 @@ pub async fn lock_projections(
         stream_ids.iter().filter_map(|stream_id| split_stream_id(stream_id)).unzip();
     let rows: Vec<Projection> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {PROJECTION_COLUMNS} FROM event.event_projections \
-         WHERE (entity_type, entity_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-         ORDER BY projection_id FOR UPDATE"
+         WHERE (entity_type, entity_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
     )))
     .bind(entity_types)
     .bind(entity_ids)
@@ -398,10 +399,13 @@ pub async fn events_after(
     watermarks: &[(String, i64)],
 ) -> Result<Vec<StreamEvent>, sqlx::Error> {
     let (ids, after): (Vec<String>, Vec<i64>) = watermarks.iter().cloned().unzip();
+    // LATERAL: one index range per stream, however many streams. A plain join lets the planner
+    // pick a scan of the whole table once a batch touches many streams.
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {STREAM_EVENT_COLUMNS} FROM event.events e \
-         JOIN unnest($1::text[], $2::bigint[]) AS w(stream_id, after) USING (stream_id) \
-         WHERE e.stream_version > w.after ORDER BY e.stream_id, e.stream_version"
+        "SELECT e.* FROM unnest($1::text[], $2::bigint[]) AS w(stream_id, after) \
+         CROSS JOIN LATERAL (SELECT {STREAM_EVENT_COLUMNS} FROM event.events \
+             WHERE stream_id = w.stream_id AND stream_version > w.after) e \
+         ORDER BY e.stream_id, e.stream_version"
     )))
     .bind(ids)
     .bind(after)
@@ -467,7 +471,7 @@ pub async fn fold_stream(
     let Some((entity_type, entity_id)) = split_stream_id(stream_id) else { return Ok(Vec::new()) };
     let definitions: Vec<&Definition> = definitions.iter().filter(|d| d.covers(entity_type)).collect();
     let mut tx = pool.begin().await?;
-    let mut stored = lock_projections(&mut tx, &[stream_id.to_owned()]).await?;
+    let mut stored = stored_projections(&mut tx, &[stream_id.to_owned()]).await?;
     let mut folds: Vec<(Fold, &Definition)> = definitions
         .iter()
         .map(|definition| {

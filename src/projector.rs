@@ -5,8 +5,9 @@
 //! stored events from PostgreSQL in stream-version order. Writes `event.event_projections` and
 //! `event.projection_snapshots` in one transaction per batch, then `event.projection.created`
 //! for projections seen for the first time, then acks. Guarantees: applying is idempotent by the
-//! stream-version watermark, so a redelivery or a crash mid-batch changes nothing twice; an
-//! event not yet in PostgreSQL is retried shortly. New definitions (and rebuilt ones) catch up
+//! stream-version watermark, so a redelivery or a crash mid-batch changes nothing twice; a
+//! batch waits for the persister's position ([`crate::watermark`]) and an event still not in
+//! PostgreSQL after a second is retried shortly. New definitions (and rebuilt ones) catch up
 //! on the stored history in the background, then stay live.
 
 use std::collections::BTreeSet;
@@ -25,11 +26,12 @@ use crate::persister::decode_message;
 use crate::projections::{self, Definition, Fold, Projection};
 use crate::settings::ProjectorArgs;
 use crate::store;
+use crate::watermark::Watermark;
 
 pub const STAGE: &str = "projector";
 const GROUP: &str = "projector";
 /// How long a batch waits for the persister before NAKing what is not stored yet.
-const STORE_WAIT: Duration = Duration::from_millis(100);
+const STORE_WAIT: Duration = Duration::from_secs(1);
 const NOT_STORED_RETRY: Duration = Duration::from_millis(250);
 const OUTAGE_RETRY: Duration = Duration::from_secs(2);
 pub const EVENT_PROJECTION_CREATED: &str = "event.projection.created";
@@ -43,7 +45,8 @@ impl Projector {
     pub async fn build(bus: Bus, pool: PgPool, settings: &ProjectorArgs) -> Result<Self, BusError> {
         let consumer = bus.consumer("EVENTS", STAGE).await?;
         let consume = ConsumeLoop { stage: STAGE, bus: bus.clone(), consumer, max_batch: 1000, group: Some(GROUP) };
-        let handler = Handler { pool, bus, snapshot_every: settings.snapshot_every as i64 };
+        let watermark = Watermark::start(&bus, pool.clone()).await?;
+        let handler = Handler { pool, bus, watermark, snapshot_every: settings.snapshot_every as i64 };
         Ok(Self { consume, handler })
     }
 
@@ -64,6 +67,7 @@ impl Projector {
 struct Handler {
     pool: PgPool,
     bus: Bus,
+    watermark: Watermark,
     snapshot_every: i64,
 }
 
@@ -82,14 +86,16 @@ impl BatchHandler for Handler {
                 continue;
             };
             if let Some(stream_id) = incoming.event.stream_id {
-                in_streams.push((position, incoming.event.event_id, stream_id));
+                in_streams.push((position, seq, incoming.event.event_id, stream_id));
             }
         }
         if in_streams.is_empty() {
             return outcomes;
         }
-        let ids: Vec<uuid::Uuid> = in_streams.iter().map(|(_, id, _)| *id).collect();
-        let stored = match self.wait_until_stored(&ids).await {
+        let ids: Vec<uuid::Uuid> = in_streams.iter().map(|(_, _, id, _)| *id).collect();
+        let last_seq = in_streams.iter().map(|(_, seq, _, _)| *seq).max().unwrap_or(0);
+        self.watermark.wait_for(last_seq, STORE_WAIT).await;
+        let stored = match store::stored_ids(&self.pool, &ids).await {
             Ok(stored) => stored,
             Err(error) => {
                 tracing::warn!(stage = STAGE, error = %error, "cannot read stored events; retrying the batch");
@@ -97,7 +103,7 @@ impl BatchHandler for Handler {
             }
         };
         let mut streams = BTreeSet::new();
-        for (position, id, stream_id) in &in_streams {
+        for (position, _, id, stream_id) in &in_streams {
             if stored.contains(id) {
                 streams.insert(stream_id.clone());
             } else {
@@ -116,22 +122,6 @@ impl BatchHandler for Handler {
 }
 
 impl Handler {
-    /// The events among `ids` that PostgreSQL has, waiting up to [`STORE_WAIT`] for the
-    /// persister, which usually is a few milliseconds behind.
-    async fn wait_until_stored(
-        &self,
-        ids: &[uuid::Uuid],
-    ) -> Result<std::collections::HashSet<uuid::Uuid>, sqlx::Error> {
-        let deadline = tokio::time::Instant::now() + STORE_WAIT;
-        loop {
-            let stored = store::stored_ids(&self.pool, ids).await?;
-            if stored.len() == ids.len() || tokio::time::Instant::now() >= deadline {
-                return Ok(stored);
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
     /// Folds what is new in these streams into every projection that covers them.
     async fn project(&self, streams: Vec<String>) -> Result<Vec<Projection>, sqlx::Error> {
         if streams.is_empty() {
@@ -139,7 +129,7 @@ impl Handler {
         }
         let definitions = projections::definitions(&self.pool).await?;
         let mut tx = self.pool.begin().await?;
-        let mut stored = projections::lock_projections(&mut tx, &streams).await?;
+        let mut stored = projections::stored_projections(&mut tx, &streams).await?;
         let mut folds: Vec<(Fold, &Definition)> = Vec::new();
         let mut watermarks = Vec::with_capacity(streams.len());
         for stream_id in &streams {

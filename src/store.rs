@@ -22,6 +22,9 @@ pub struct Incoming {
     pub event: Event,
     pub stream_seq: u64,
     pub subject: String,
+    /// The status it is stored with: `pending`, or `processed` when no processor takes it
+    /// (the persister decides; see [`crate::persister`]).
+    pub status: EventStatus,
 }
 
 /// What [`insert_batch`] did.
@@ -45,6 +48,15 @@ pub async fn persisted_position(pool: &PgPool, stream: &str) -> Result<u64, sqlx
         .fetch_one(pool)
         .await?;
     Ok(position.max(0) as u64)
+}
+
+/// The stored position, read only (0 before the persister's first batch).
+pub async fn read_position(pool: &PgPool, stream: &str) -> Result<u64, sqlx::Error> {
+    let position: Option<i64> = sqlx::query_scalar("SELECT last_seq FROM event.persister_position WHERE stream = $1")
+        .bind(stream)
+        .fetch_optional(pool)
+        .await?;
+    Ok(position.unwrap_or(0).max(0) as u64)
 }
 
 /// Moves the position back, for a JetStream stream that was recreated and numbers anew.
@@ -193,6 +205,7 @@ async fn insert_events(
     let mut subjects = Vec::with_capacity(n);
     let mut timestamps = Vec::with_capacity(n);
     let mut created = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
     for incoming in fresh {
         let event = &incoming.event;
         ids.push(event.event_id);
@@ -213,14 +226,19 @@ async fn insert_events(
         subjects.push(incoming.subject.as_str());
         timestamps.push(event.timestamp);
         created.push(event.created_at);
+        statuses.push(incoming.status.as_str());
     }
     let result = sqlx::query(
         "INSERT INTO event.events (event_id, event_type, event_source, event_category, user_id, session_id,
              organization_id, device_id, correlation_id, data, metadata, context, properties, stream_id,
-             stream_version, stream_seq, subject, \"timestamp\", created_at)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+             stream_version, stream_seq, subject, \"timestamp\", created_at, status, processed_at)
+         SELECT *, CASE WHEN status = 'processed' THEN now() END
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
              $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[], $12::jsonb[], $13::jsonb[],
-             $14::text[], $15::bigint[], $16::bigint[], $17::text[], $18::timestamptz[], $19::timestamptz[])
+             $14::text[], $15::bigint[], $16::bigint[], $17::text[], $18::timestamptz[], $19::timestamptz[],
+             $20::text[]) AS t(event_id, event_type, event_source, event_category, user_id, session_id,
+             organization_id, device_id, correlation_id, data, metadata, context, properties, stream_id,
+             stream_version, stream_seq, subject, \"timestamp\", created_at, status)
          ON CONFLICT (event_id) DO NOTHING",
     )
     .bind(&ids)
@@ -242,6 +260,7 @@ async fn insert_events(
     .bind(&subjects)
     .bind(&timestamps)
     .bind(&created)
+    .bind(&statuses)
     .execute(&mut **tx)
     .await?;
     Ok(result.rows_affected())
@@ -257,15 +276,19 @@ pub async fn lock_rollups(tx: &mut sqlx::Transaction<'_, Postgres>) -> Result<()
     Ok(())
 }
 
-/// Adds the fresh events to every rollup, in one statement.
+/// Adds the fresh events to every rollup. Events stored `processed` count towards the
+/// processing time too (from `created_at` to now).
 async fn update_rollups(tx: &mut sqlx::Transaction<'_, Postgres>, fresh: &[&Incoming]) -> Result<(), sqlx::Error> {
     lock_rollups(tx).await?;
     type DayKey<'a> = (NaiveDate, &'a str, &'a str, &'a str);
+    let now = Utc::now();
     let mut daily: BTreeMap<DayKey, i64> = BTreeMap::new();
     let mut user_daily: BTreeMap<(&str, DayKey), i64> = BTreeMap::new();
     let mut users: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut statuses = StatusCounts::default();
     for incoming in fresh {
         let event = &incoming.event;
+        let user = event.user_id.as_deref();
         let key = (
             event.timestamp.date_naive(),
             event.event_source.as_str(),
@@ -273,9 +296,13 @@ async fn update_rollups(tx: &mut sqlx::Transaction<'_, Postgres>, fresh: &[&Inco
             event.event_type.as_str(),
         );
         *daily.entry(key).or_default() += 1;
-        if let Some(user) = event.user_id.as_deref() {
+        if let Some(user) = user {
             *user_daily.entry((user, key)).or_default() += 1;
             *users.entry(user).or_default() += 1;
+        }
+        statuses.add(user, incoming.status.as_str(), 1);
+        if incoming.status == EventStatus::Processed {
+            statuses.processed(user, (now - event.created_at).num_microseconds().unwrap_or(0) as f64 / 1000.0);
         }
     }
     let (d_days, d_sources, d_categories, d_types, d_counts) = unzip_days(daily.iter().map(|(k, v)| (*k, *v)));
@@ -294,17 +321,10 @@ async fn update_rollups(tx: &mut sqlx::Transaction<'_, Postgres>, fresh: &[&Inco
              INSERT INTO event.rollup_user_daily AS r (user_id, day, event_source, event_category, event_type, events)
              SELECT * FROM UNNEST($6::text[], $7::date[], $8::text[], $9::text[], $10::text[], $11::bigint[])
              ON CONFLICT (user_id, day, event_source, event_category, event_type) DO UPDATE SET events = r.events + EXCLUDED.events
-         ), user_status AS (
-             INSERT INTO event.rollup_user_status AS r (user_id, status, events)
-             SELECT u, 'pending', n FROM UNNEST($12::text[], $13::bigint[]) AS t(u, n)
-             ON CONFLICT (user_id, status) DO UPDATE SET events = r.events + EXCLUDED.events
-         ), users AS (
-             INSERT INTO event.rollup_users AS r (user_id, events)
-             SELECT * FROM UNNEST($12::text[], $13::bigint[])
-             ON CONFLICT (user_id) DO UPDATE SET events = r.events + EXCLUDED.events
          )
-         INSERT INTO event.rollup_status AS r (status, events) VALUES ('pending', $14)
-         ON CONFLICT (status) DO UPDATE SET events = r.events + EXCLUDED.events",
+         INSERT INTO event.rollup_users AS r (user_id, events)
+         SELECT * FROM UNNEST($12::text[], $13::bigint[])
+         ON CONFLICT (user_id) DO UPDATE SET events = r.events + EXCLUDED.events",
     )
     .bind(&d_days)
     .bind(&d_sources)
@@ -319,7 +339,94 @@ async fn update_rollups(tx: &mut sqlx::Transaction<'_, Postgres>, fresh: &[&Inco
     .bind(&u_counts)
     .bind(&t_users)
     .bind(&t_counts)
-    .bind(fresh.len() as i64)
+    .execute(&mut **tx)
+    .await?;
+    add_status_counts(tx, &statuses).await
+}
+
+/// What to add to the status and processing-time rollups: events per status (a move from
+/// one status to another is -1 and +1), all and per user, and newly processed events with
+/// their time from `created_at` to `processed`.
+#[derive(Debug, Default)]
+pub struct StatusCounts<'a> {
+    statuses: BTreeMap<&'a str, i64>,
+    user_statuses: BTreeMap<(&'a str, &'a str), i64>,
+    /// By user; '' is every event.
+    processing: BTreeMap<&'a str, (i64, f64)>,
+}
+
+impl<'a> StatusCounts<'a> {
+    pub fn add(&mut self, user: Option<&'a str>, status: &'a str, delta: i64) {
+        *self.statuses.entry(status).or_default() += delta;
+        if let Some(user) = user {
+            *self.user_statuses.entry((user, status)).or_default() += delta;
+        }
+    }
+
+    pub fn processed(&mut self, user: Option<&'a str>, ms: f64) {
+        for key in std::iter::once("").chain(user) {
+            let entry = self.processing.entry(key).or_default();
+            entry.0 += 1;
+            entry.1 += ms.max(0.0);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.statuses.values().chain(self.user_statuses.values()).all(|delta| *delta == 0) && self.processing.is_empty()
+    }
+}
+
+/// Adds [`StatusCounts`] to the rollups, in one statement. The caller holds [`lock_rollups`].
+pub async fn add_status_counts(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    counts: &StatusCounts<'_>,
+) -> Result<(), sqlx::Error> {
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let (statuses, status_deltas): (Vec<&str>, Vec<i64>) =
+        counts.statuses.iter().filter(|(_, delta)| **delta != 0).map(|(status, delta)| (*status, *delta)).unzip();
+    let mut users = Vec::with_capacity(counts.user_statuses.len());
+    let (user_statuses, user_deltas): (Vec<&str>, Vec<i64>) = counts
+        .user_statuses
+        .iter()
+        .filter(|(_, delta)| **delta != 0)
+        .map(|((user, status), delta)| {
+            users.push(*user);
+            (*status, *delta)
+        })
+        .unzip();
+    let mut timed = Vec::with_capacity(counts.processing.len());
+    let (processed, total_ms): (Vec<i64>, Vec<f64>) = counts
+        .processing
+        .iter()
+        .map(|(user, (count, ms))| {
+            timed.push(*user);
+            (*count, *ms)
+        })
+        .unzip();
+    sqlx::query(
+        "WITH by_status AS (
+             INSERT INTO event.rollup_status AS r (status, events) SELECT * FROM UNNEST($1::text[], $2::bigint[])
+             ON CONFLICT (status) DO UPDATE SET events = r.events + EXCLUDED.events
+         ), by_user AS (
+             INSERT INTO event.rollup_user_status AS r (user_id, status, events)
+             SELECT * FROM UNNEST($3::text[], $4::text[], $5::bigint[])
+             ON CONFLICT (user_id, status) DO UPDATE SET events = r.events + EXCLUDED.events
+         )
+         INSERT INTO event.rollup_processing AS r (user_id, processed, total_ms)
+         SELECT * FROM UNNEST($6::text[], $7::bigint[], $8::float8[])
+         ON CONFLICT (user_id) DO UPDATE SET processed = r.processed + EXCLUDED.processed,
+             total_ms = r.total_ms + EXCLUDED.total_ms",
+    )
+    .bind(&statuses)
+    .bind(&status_deltas)
+    .bind(&users)
+    .bind(&user_statuses)
+    .bind(&user_deltas)
+    .bind(&timed)
+    .bind(&processed)
+    .bind(&total_ms)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -25,6 +25,9 @@ pub fn delivery_subject(subscription_id: &str) -> String {
     format!("deliveries.{}", sanitize_token(subscription_id))
 }
 
+/// Core NATS: the persister's position in EVENTS after each commit (see [`crate::watermark`]).
+pub const PERSISTED: &str = "_EVSVC.persisted";
+
 /// Core NATS: the processor registry changed, workers reload it.
 pub const PROCESSORS_CHANGED: &str = "_EVSVC.processors.changed";
 

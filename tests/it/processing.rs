@@ -389,3 +389,64 @@ async fn slow_processors_show_their_events_as_processing() {
     let (_, stats) = app.get("/api/v1/events/statistics?user_id=analyst").await;
     assert_eq!((stats["processing_events"].as_i64(), stats["processed_events"].as_i64()), (Some(0), Some(1)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_no_processor_takes_are_stored_processed_the_others_wait_for_the_processor_stage() {
+    let mut app = spawn_app().await;
+    let mut requests = app.bus_client().subscribe("processors.orders").await.unwrap();
+    let client = app.bus_client().clone();
+    tokio::spawn(async move {
+        while let Some(request) = requests.next().await {
+            if let Some(reply) = request.reply {
+                client.publish(reply, "ok".into()).await.unwrap();
+            }
+        }
+    });
+    let (status, processor) = app
+        .post(
+            "/api/v1/events/processors",
+            &json!({"processor_name": "orders", "processor_type": "internal", "filters": {"event_type": "order.*"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{processor}");
+    // The persister reloads the registry on the change notification: probe until it has.
+    let probe = wait_until(Duration::from_secs(10), || async {
+        let id = app.create(json!({"event_type": "order.probe"})).await;
+        let (_, event) = app.get(&format!("/api/v1/events/{id}")).await;
+        (event["status"] == "pending").then_some(id)
+    })
+    .await
+    .expect("the persister sees the new processor");
+
+    let taken = app.create(json!({"event_type": "order.placed", "user_id": "u1"})).await;
+    let other = app.create(json!({"event_type": "page.viewed", "user_id": "u1"})).await;
+    let (_, stored) = app.get(&format!("/api/v1/events/{taken}")).await;
+    assert_eq!((stored["status"].as_str(), &stored["processed_at"]), (Some("pending"), &Value::Null));
+    let (_, stored) = app.get(&format!("/api/v1/events/{other}")).await;
+    assert_eq!((stored["status"].as_str(), stored["processors"].clone()), (Some("processed"), json!([])));
+    assert!(stored["processed_at"].is_string());
+    let (_, user) = app.get("/api/v1/events/statistics?user_id=u1").await;
+    assert_eq!((user["pending_events"].as_i64(), user["processed_events"].as_i64()), (Some(1), Some(1)), "{user}");
+
+    // The processor stage runs what takes the pending ones.
+    app.start_processor().await;
+    for id in [&probe, &taken] {
+        let event = app.wait_for_status(id, &["processed"]).await;
+        assert_eq!(event["processors"], json!(["orders"]));
+    }
+    app.stop_processors().await;
+
+    // Stored pending for a processor that is disabled before the processor stage gets to the
+    // event: the stage, which no longer sees a processor for it, marks it processed.
+    let late = app.create(json!({"event_type": "order.cancelled", "user_id": "u1"})).await;
+    assert_eq!(app.get(&format!("/api/v1/events/{late}")).await.1["status"], "pending");
+    let id = processor["processor_id"].as_str().unwrap();
+    let toggled = app.http.put(app.url(&format!("/api/v1/events/processors/{id}/toggle?enabled=false"))).send();
+    assert!(toggled.await.unwrap().status().is_success());
+    app.start_processor().await;
+    let event = app.wait_for_status(&late, &["processed"]).await;
+    assert_eq!(event["processors"], json!([]));
+    assert_eq!(results(&app, &late).await, []);
+    let (_, user) = app.get("/api/v1/events/statistics?user_id=u1").await;
+    assert_eq!((user["pending_events"].as_i64(), user["processed_events"].as_i64()), (Some(0), Some(3)), "{user}");
+}
