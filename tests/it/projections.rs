@@ -204,37 +204,53 @@ async fn new_definitions_catch_up_on_history_and_stay_live() {
     wait_for_stored_version(&app, "order_counts", "order", "1", 3).await;
 }
 
+/// The default projection of a meter after its first `n` readings, folded here the simple
+/// way: reading `k` sets `n`, `last` and `slot{k % 5}`.
+fn meter_state(n: i64) -> Value {
+    let mut state = json!({"n": n, "last": format!("r{n}")});
+    for k in (1..=n).rev().take(5) {
+        state[format!("slot{}", k % 5)] = json!(k);
+    }
+    state
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_travel_folds_from_the_nearest_snapshot() {
     let app = app_with_projector().await;
-    let total = 2_000;
-    for chunk in 0..total / 500 {
-        let batch: Vec<Value> = (0..500)
+    let total = 10_000;
+    for chunk in 0..total / 1000 {
+        let batch: Vec<Value> = (0..1000)
             .map(|i| {
-                let n = chunk * 500 + i + 1;
+                let n = chunk * 1000 + i + 1;
                 let at = chrono::DateTime::from_timestamp(1_735_689_600 + n, 0).unwrap();
-                json!({"event_type": "meter.read", "stream_id": "meter:m1", "timestamp": at, "data": {"n": n, "last": format!("r{n}")}})
+                json!({"event_type": "meter.read", "stream_id": "meter:m1", "timestamp": at,
+                       "data": {"n": n, "last": format!("r{n}"), format!("slot{}", n % 5): n}})
             })
             .collect();
         assert!(app.post("/api/v1/events/batch", &Value::Array(batch)).await.0.is_success());
     }
     wait_for_stored_version(&app, "default", "meter", "m1", total).await;
-    let (status, at) = app.get("/api/v1/events/projections/meter/m1?as_of_version=1995").await;
+    let (_, now) = app.get("/api/v1/events/projections/meter/m1").await;
+    assert_eq!((now["state"].clone(), now["version"].as_i64()), (meter_state(total), Some(total)));
+
+    // Snapshots every 10 events (the harness's setting): at most 10 events are read.
+    let (status, at) = app.get("/api/v1/events/projections/meter/m1?as_of_version=9995").await;
     assert_eq!(status, StatusCode::OK, "{at}");
-    assert_eq!(at["state"], json!({"n": 1995, "last": "r1995"}));
-    assert_eq!((at["version"].as_i64(), at["snapshot_version"].as_i64()), (Some(1995), Some(1990)));
+    assert_eq!(at["state"], meter_state(9995));
+    assert_eq!((at["version"].as_i64(), at["snapshot_version"].as_i64()), (Some(9995), Some(9990)));
     assert!(at["events_read"].as_i64().unwrap() <= 10, "{at}");
 
     let (_, at) = app.get(&format!("/api/v1/events/projections/meter/m1?as_of_version={total}")).await;
     assert_eq!((at["events_read"].as_i64(), at["version"].as_i64()), (Some(0), Some(total)));
+    assert_eq!(at["state"], meter_state(total));
     let (_, early) = app.get("/api/v1/events/projections/meter/m1?as_of_version=7").await;
-    assert_eq!((early["state"].clone(), early["snapshot_version"].as_i64()), (json!({"n": 7, "last": "r7"}), Some(0)));
+    assert_eq!((early["state"].clone(), early["snapshot_version"].as_i64()), (meter_state(7), Some(0)));
 
     // By time: the state once the events up to that instant were folded.
     let at_time = chrono::DateTime::from_timestamp(1_735_689_600 + 1234, 0).unwrap().to_rfc3339();
     let (_, then) =
         app.get(&format!("/api/v1/events/projections/meter/m1?as_of={}", at_time.replace('+', "%2B"))).await;
-    assert_eq!(then["state"], json!({"n": 1234, "last": "r1234"}), "{then}");
+    assert_eq!(then["state"], meter_state(1234), "{then}");
     assert_eq!(then["version"], 1234);
     assert!(then["events_read"].as_i64().unwrap() <= 10);
     let (status, _) = app.get("/api/v1/events/projections/meter/m1?as_of_version=0").await;
