@@ -157,12 +157,12 @@ impl BatchHandler for Handler {
             else {
                 continue;
             };
-            // Processors get the event as the service knows it, whoever produced the message.
-            let payload = match serde_json::to_vec(&incoming.event) {
-                Ok(bytes) => Bytes::from(bytes),
-                Err(_) => message.payload.clone(),
-            };
             let matching = snapshot.matching(&incoming.event);
+            // Processors get the event as the service knows it, whoever produced the message.
+            let payload = match matching.is_empty() {
+                true => Bytes::new(),
+                false => serde_json::to_vec(&incoming.event).map_or_else(|_| message.payload.clone(), Bytes::from),
+            };
             work.push(Work {
                 position,
                 seq,

@@ -420,19 +420,46 @@ pub async fn save(tx: &mut Transaction<'_, Postgres>, folds: &[&Fold]) -> Result
     if rows.is_empty() {
         return Ok(());
     }
+    let n = rows.len();
+    let (mut ids, mut names, mut types, mut entities) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut states, mut versions, mut stream_versions, mut last_ids, mut created) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for projection in rows {
+        ids.push(projection.projection_id);
+        names.push(projection.projection_name.as_str());
+        types.push(projection.entity_type.as_str());
+        entities.push(projection.entity_id.as_str());
+        states.push(&projection.state);
+        versions.push(projection.version);
+        stream_versions.push(projection.stream_version);
+        last_ids.push(projection.last_event_id);
+        created.push(projection.created_at);
+    }
     sqlx::query(
         "INSERT INTO event.event_projections (projection_id, projection_name, entity_type, entity_id, state, version, \
-             stream_version, last_event_id, created_at, updated_at) \
-         SELECT projection_id, projection_name, entity_type, entity_id, state, version, stream_version, last_event_id, \
-                created_at, now() \
-         FROM jsonb_to_recordset($1) AS p(projection_id uuid, projection_name text, entity_type text, entity_id text, \
-              state jsonb, version bigint, stream_version bigint, last_event_id uuid, created_at timestamptz) \
+             stream_version, last_event_id, created_at) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::bigint[], \
+             $7::bigint[], $8::uuid[], $9::timestamptz[]) \
          ON CONFLICT (projection_name, entity_type, entity_id) DO UPDATE SET state = EXCLUDED.state, \
              version = EXCLUDED.version, stream_version = EXCLUDED.stream_version, \
              last_event_id = EXCLUDED.last_event_id, updated_at = now() \
          WHERE event.event_projections.stream_version < EXCLUDED.stream_version",
     )
-    .bind(sqlx::types::Json(&rows.iter().map(|p| projection_json(p)).collect::<Vec<_>>()))
+    .bind(ids)
+    .bind(names)
+    .bind(types)
+    .bind(entities)
+    .bind(states)
+    .bind(versions)
+    .bind(stream_versions)
+    .bind(last_ids)
+    .bind(created)
     .execute(&mut **tx)
     .await?;
     let snapshots: Vec<&Snapshot> = folds.iter().flat_map(|fold| &fold.snapshots).collect();
@@ -449,15 +476,6 @@ pub async fn save(tx: &mut Transaction<'_, Postgres>, folds: &[&Fold]) -> Result
         .await?;
     }
     Ok(())
-}
-
-fn projection_json(projection: &Projection) -> Value {
-    json!({
-        "projection_id": projection.projection_id, "projection_name": projection.projection_name,
-        "entity_type": projection.entity_type, "entity_id": projection.entity_id, "state": projection.state,
-        "version": projection.version, "stream_version": projection.stream_version,
-        "last_event_id": projection.last_event_id, "created_at": projection.created_at,
-    })
 }
 
 /// Folds one stream for the given definitions in one transaction (catch-up and rebuild).
