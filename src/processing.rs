@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::bus::{Bus, Outgoing};
 use crate::callback::{self, Guard};
-use crate::model::Event;
+use crate::model::{Event, EventStatus};
 use crate::processors::{Action, Runnable};
 use crate::subject;
 
@@ -408,9 +408,13 @@ async fn change_statuses(
     .await?;
     let mut counts = crate::store::StatusCounts::default();
     for row in rows.iter().filter(|row| row.old_status != row.new_status) {
-        counts.add(row.user_id.as_deref(), &row.old_status, -1);
-        counts.add(row.user_id.as_deref(), &row.new_status, 1);
-        if row.new_status == "processed" {
+        // The table's CHECK allows only known statuses.
+        let (Some(old), Some(new)) = (EventStatus::parse(&row.old_status), EventStatus::parse(&row.new_status)) else {
+            continue;
+        };
+        counts.add(row.user_id.as_deref(), old, -1);
+        counts.add(row.user_id.as_deref(), new, 1);
+        if new == EventStatus::Processed {
             counts.processed(row.user_id.as_deref(), row.ms);
         }
     }

@@ -284,8 +284,7 @@ async fn update_rollups(tx: &mut sqlx::Transaction<'_, Postgres>, fresh: &[&Inco
     let now = Utc::now();
     let mut daily: BTreeMap<DayKey, i64> = BTreeMap::new();
     let mut user_daily: BTreeMap<(&str, DayKey), i64> = BTreeMap::new();
-    let mut users: BTreeMap<&str, i64> = BTreeMap::new();
-    let mut statuses = StatusCounts::default();
+    let mut counts = StatusCounts::default();
     for incoming in fresh {
         let event = &incoming.event;
         let user = event.user_id.as_deref();
@@ -298,11 +297,11 @@ async fn update_rollups(tx: &mut sqlx::Transaction<'_, Postgres>, fresh: &[&Inco
         *daily.entry(key).or_default() += 1;
         if let Some(user) = user {
             *user_daily.entry((user, key)).or_default() += 1;
-            *users.entry(user).or_default() += 1;
+            counts.event(user);
         }
-        statuses.add(user, incoming.status.as_str(), 1);
+        counts.add(user, incoming.status, 1);
         if incoming.status == EventStatus::Processed {
-            statuses.processed(user, (now - event.created_at).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+            counts.processed(user, (now - event.created_at).num_microseconds().unwrap_or(0) as f64 / 1000.0);
         }
     }
     let (d_days, d_sources, d_categories, d_types, d_counts) = unzip_days(daily.iter().map(|(k, v)| (*k, *v)));
@@ -311,20 +310,15 @@ async fn update_rollups(tx: &mut sqlx::Transaction<'_, Postgres>, fresh: &[&Inco
         u_users.push(*user);
         (*k, *v)
     }));
-    let (t_users, t_counts): (Vec<&str>, Vec<i64>) = users.iter().map(|(user, count)| (*user, *count)).unzip();
     sqlx::query(
         "WITH daily AS (
              INSERT INTO event.rollup_daily AS r (day, event_source, event_category, event_type, events)
              SELECT * FROM UNNEST($1::date[], $2::text[], $3::text[], $4::text[], $5::bigint[])
              ON CONFLICT (day, event_source, event_category, event_type) DO UPDATE SET events = r.events + EXCLUDED.events
-         ), user_daily AS (
-             INSERT INTO event.rollup_user_daily AS r (user_id, day, event_source, event_category, event_type, events)
-             SELECT * FROM UNNEST($6::text[], $7::date[], $8::text[], $9::text[], $10::text[], $11::bigint[])
-             ON CONFLICT (user_id, day, event_source, event_category, event_type) DO UPDATE SET events = r.events + EXCLUDED.events
          )
-         INSERT INTO event.rollup_users AS r (user_id, events)
-         SELECT * FROM UNNEST($12::text[], $13::bigint[])
-         ON CONFLICT (user_id) DO UPDATE SET events = r.events + EXCLUDED.events",
+         INSERT INTO event.rollup_user_daily AS r (user_id, day, event_source, event_category, event_type, events)
+         SELECT * FROM UNNEST($6::text[], $7::date[], $8::text[], $9::text[], $10::text[], $11::bigint[])
+         ON CONFLICT (user_id, day, event_source, event_category, event_type) DO UPDATE SET events = r.events + EXCLUDED.events",
     )
     .bind(&d_days)
     .bind(&d_sources)
@@ -337,43 +331,66 @@ async fn update_rollups(tx: &mut sqlx::Transaction<'_, Postgres>, fresh: &[&Inco
     .bind(&u_categories)
     .bind(&u_types)
     .bind(&u_counts)
-    .bind(&t_users)
-    .bind(&t_counts)
     .execute(&mut **tx)
     .await?;
-    add_status_counts(tx, &statuses).await
+    add_status_counts(tx, &counts).await
 }
 
 /// What to add to the status and processing-time rollups: events per status (a move from
-/// one status to another is -1 and +1), all and per user, and newly processed events with
-/// their time from `created_at` to `processed`.
+/// one status to another is -1 and +1), all and per user, new events per user, and newly
+/// processed events with their time from `created_at` to `processed`.
 #[derive(Debug, Default)]
 pub struct StatusCounts<'a> {
     statuses: BTreeMap<&'a str, i64>,
-    user_statuses: BTreeMap<(&'a str, &'a str), i64>,
-    /// By user; '' is every event.
-    processing: BTreeMap<&'a str, (i64, f64)>,
+    /// `rollup_processing`'s one row: processed events and their total milliseconds.
+    processing: (i64, f64),
+    users: BTreeMap<&'a str, UserCounts>,
+}
+
+/// One user's row of `rollup_users`, as deltas.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct UserCounts {
+    events: i64,
+    /// In the order of [`EventStatus::ALL`].
+    statuses: [i64; 5],
+    timed: i64,
+    total_ms: f64,
 }
 
 impl<'a> StatusCounts<'a> {
-    pub fn add(&mut self, user: Option<&'a str>, status: &'a str, delta: i64) {
-        *self.statuses.entry(status).or_default() += delta;
+    /// `delta` events (1 new, or -1 and +1 for a move) in `status`.
+    pub fn add(&mut self, user: Option<&'a str>, status: EventStatus, delta: i64) {
+        *self.statuses.entry(status.as_str()).or_default() += delta;
         if let Some(user) = user {
-            *self.user_statuses.entry((user, status)).or_default() += delta;
+            self.users.entry(user).or_default().statuses[status_column(status)] += delta;
         }
     }
 
+    /// A user's new event.
+    pub fn event(&mut self, user: &'a str) {
+        self.users.entry(user).or_default().events += 1;
+    }
+
     pub fn processed(&mut self, user: Option<&'a str>, ms: f64) {
-        for key in std::iter::once("").chain(user) {
-            let entry = self.processing.entry(key).or_default();
-            entry.0 += 1;
-            entry.1 += ms.max(0.0);
+        let ms = ms.max(0.0);
+        self.processing.0 += 1;
+        self.processing.1 += ms;
+        if let Some(user) = user {
+            let counts = self.users.entry(user).or_default();
+            counts.timed += 1;
+            counts.total_ms += ms;
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.statuses.values().chain(self.user_statuses.values()).all(|delta| *delta == 0) && self.processing.is_empty()
+        self.statuses.values().all(|delta| *delta == 0)
+            && self.processing.0 == 0
+            && self.users.values().all(|counts| *counts == UserCounts::default())
     }
+}
+
+fn status_column(status: EventStatus) -> usize {
+    EventStatus::ALL.iter().position(|known| *known == status).unwrap_or(0)
 }
 
 /// Adds [`StatusCounts`] to the rollups, in one statement. The caller holds [`lock_rollups`].
@@ -386,46 +403,53 @@ pub async fn add_status_counts(
     }
     let (statuses, status_deltas): (Vec<&str>, Vec<i64>) =
         counts.statuses.iter().filter(|(_, delta)| **delta != 0).map(|(status, delta)| (*status, *delta)).unzip();
-    let mut users = Vec::with_capacity(counts.user_statuses.len());
-    let (user_statuses, user_deltas): (Vec<&str>, Vec<i64>) = counts
-        .user_statuses
-        .iter()
-        .filter(|(_, delta)| **delta != 0)
-        .map(|((user, status), delta)| {
-            users.push(*user);
-            (*status, *delta)
-        })
-        .unzip();
-    let mut timed = Vec::with_capacity(counts.processing.len());
-    let (processed, total_ms): (Vec<i64>, Vec<f64>) = counts
-        .processing
-        .iter()
-        .map(|(user, (count, ms))| {
-            timed.push(*user);
-            (*count, *ms)
-        })
-        .unzip();
+    let n = counts.users.len();
+    let mut users = Vec::with_capacity(n);
+    let mut events = Vec::with_capacity(n);
+    let mut by_status: [Vec<i64>; 5] = Default::default();
+    let (mut timed, mut total_ms) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for (user, row) in counts.users.iter().filter(|(_, row)| **row != UserCounts::default()) {
+        users.push(*user);
+        events.push(row.events);
+        for (column, delta) in by_status.iter_mut().zip(row.statuses) {
+            column.push(delta);
+        }
+        timed.push(row.timed);
+        total_ms.push(row.total_ms);
+    }
+    let [pending, processing, processed, failed, archived] = by_status;
     sqlx::query(
         "WITH by_status AS (
              INSERT INTO event.rollup_status AS r (status, events) SELECT * FROM UNNEST($1::text[], $2::bigint[])
              ON CONFLICT (status) DO UPDATE SET events = r.events + EXCLUDED.events
-         ), by_user AS (
-             INSERT INTO event.rollup_user_status AS r (user_id, status, events)
-             SELECT * FROM UNNEST($3::text[], $4::text[], $5::bigint[])
-             ON CONFLICT (user_id, status) DO UPDATE SET events = r.events + EXCLUDED.events
+         ), timing AS (
+             INSERT INTO event.rollup_processing AS r (user_id, processed, total_ms)
+             SELECT '', $3, $4 WHERE $3 > 0
+             ON CONFLICT (user_id) DO UPDATE SET processed = r.processed + EXCLUDED.processed,
+                 total_ms = r.total_ms + EXCLUDED.total_ms
          )
-         INSERT INTO event.rollup_processing AS r (user_id, processed, total_ms)
-         SELECT * FROM UNNEST($6::text[], $7::bigint[], $8::float8[])
-         ON CONFLICT (user_id) DO UPDATE SET processed = r.processed + EXCLUDED.processed,
+         INSERT INTO event.rollup_users AS r
+             (user_id, events, pending, processing, processed, failed, archived, timed, total_ms)
+         SELECT * FROM UNNEST($5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
+             $11::bigint[], $12::bigint[], $13::float8[])
+         ON CONFLICT (user_id) DO UPDATE SET events = r.events + EXCLUDED.events,
+             pending = r.pending + EXCLUDED.pending, processing = r.processing + EXCLUDED.processing,
+             processed = r.processed + EXCLUDED.processed, failed = r.failed + EXCLUDED.failed,
+             archived = r.archived + EXCLUDED.archived, timed = r.timed + EXCLUDED.timed,
              total_ms = r.total_ms + EXCLUDED.total_ms",
     )
     .bind(&statuses)
     .bind(&status_deltas)
+    .bind(counts.processing.0)
+    .bind(counts.processing.1)
     .bind(&users)
-    .bind(&user_statuses)
-    .bind(&user_deltas)
-    .bind(&timed)
+    .bind(&events)
+    .bind(&pending)
+    .bind(&processing)
     .bind(&processed)
+    .bind(&failed)
+    .bind(&archived)
+    .bind(&timed)
     .bind(&total_ms)
     .execute(&mut **tx)
     .await?;
@@ -646,10 +670,12 @@ async fn count_from_rollups(pool: &PgPool, filter: &EventFilter) -> Result<Optio
             sql
         }
         (Some(status), false, Some(user_id)) => {
-            let mut sql = QueryBuilder::new(
-                "SELECT COALESCE(sum(events), 0)::bigint FROM event.rollup_user_status WHERE status = ",
-            );
-            sql.push_bind(status.as_str()).push(" AND user_id = ").push_bind(user_id.clone());
+            // The column is one of the fixed status names, never user input.
+            let mut sql = QueryBuilder::new(format!(
+                "SELECT COALESCE(sum({}), 0)::bigint FROM event.rollup_users WHERE user_id = ",
+                status.as_str()
+            ));
+            sql.push_bind(user_id.clone());
             sql
         }
         (Some(_), true, _) => return Ok(None),
@@ -736,10 +762,15 @@ pub async fn statistics(pool: &PgPool, user_id: Option<&str>, now: DateTime<Utc>
     let user = user_id.unwrap_or("");
 
     let statuses: Vec<(String, i64)> = if user_id.is_some() {
-        sqlx::query_as("SELECT status, events FROM event.rollup_user_status WHERE user_id = $1")
-            .bind(user)
-            .fetch_all(pool)
-            .await?
+        sqlx::query_as(
+            "SELECT s.status, s.events FROM event.rollup_users u, LATERAL (VALUES ('pending', u.pending), \
+                 ('processing', u.processing), ('processed', u.processed), ('failed', u.failed), \
+                 ('archived', u.archived)) AS s(status, events) \
+             WHERE u.user_id = $1",
+        )
+        .bind(user)
+        .fetch_all(pool)
+        .await?
     } else {
         sqlx::query_as("SELECT status, events FROM event.rollup_status").fetch_all(pool).await?
     };
@@ -769,11 +800,14 @@ pub async fn statistics(pool: &PgPool, user_id: Option<&str>, now: DateTime<Utc>
             .fetch_all(pool)
             .await?
     };
-    let processing: Option<(i64, f64)> =
+    let processing: Option<(i64, f64)> = if user_id.is_some() {
+        sqlx::query_as("SELECT timed, total_ms FROM event.rollup_users WHERE user_id = $1")
+    } else {
         sqlx::query_as("SELECT processed, total_ms FROM event.rollup_processing WHERE user_id = $1")
-            .bind(user)
-            .fetch_optional(pool)
-            .await?;
+    }
+    .bind(user)
+    .fetch_optional(pool)
+    .await?;
 
     let count = |status: EventStatus| {
         statuses.iter().find(|(name, _)| name == status.as_str()).map_or(0, |(_, events)| *events)

@@ -176,7 +176,7 @@ async fn seed(pool: &PgPool, from: usize, count: usize) -> anyhow::Result<usize>
 }
 
 /// Adds the staged rows to every statistics rollup.
-const ROLLUPS: [&str; 5] = [
+const ROLLUPS: [&str; 4] = [
     "INSERT INTO event.rollup_daily (day, event_source, event_category, event_type, events)
      SELECT (\"timestamp\" AT TIME ZONE 'UTC')::date, event_source, event_category, event_type, count(*)
      FROM public.bench_seed GROUP BY 1, 2, 3, 4
@@ -190,10 +190,10 @@ const ROLLUPS: [&str; 5] = [
      FROM public.bench_seed WHERE user_id IS NOT NULL GROUP BY 1, 2, 3, 4, 5
      ON CONFLICT (user_id, day, event_source, event_category, event_type)
      DO UPDATE SET events = event.rollup_user_daily.events + excluded.events",
-    "INSERT INTO event.rollup_user_status (user_id, status, events)
-     SELECT user_id, status, count(*) FROM public.bench_seed WHERE user_id IS NOT NULL GROUP BY 1, 2
-     ON CONFLICT (user_id, status) DO UPDATE SET events = event.rollup_user_status.events + excluded.events",
-    "INSERT INTO event.rollup_users (user_id, events)
-     SELECT user_id, count(*) FROM public.bench_seed WHERE user_id IS NOT NULL GROUP BY 1
-     ON CONFLICT (user_id) DO UPDATE SET events = event.rollup_users.events + excluded.events",
+    "INSERT INTO event.rollup_users AS r (user_id, events, pending, processed, failed)
+     SELECT user_id, count(*), count(*) FILTER (WHERE status = 'pending'),
+         count(*) FILTER (WHERE status = 'processed'), count(*) FILTER (WHERE status = 'failed')
+     FROM public.bench_seed WHERE user_id IS NOT NULL GROUP BY 1
+     ON CONFLICT (user_id) DO UPDATE SET events = r.events + excluded.events, pending = r.pending + excluded.pending,
+         processed = r.processed + excluded.processed, failed = r.failed + excluded.failed",
 ];
