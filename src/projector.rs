@@ -10,20 +10,20 @@
 //! PostgreSQL after a second is retried shortly. New definitions (and rebuilt ones) catch up
 //! on the stored history in the background, then stay live.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
 use bytes::Bytes;
 use chrono::Utc;
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError, Outgoing};
 use crate::consume::{BatchHandler, ConsumeLoop, Outcome};
 use crate::persister::decode_message;
-use crate::projections::{self, Definition, Fold, Projection};
+use crate::projections::{self, Definition, Fold, Projection, StreamEvent};
 use crate::settings::ProjectorArgs;
 use crate::store;
 use crate::watermark::Watermark;
@@ -85,32 +85,54 @@ impl BatchHandler for Handler {
             else {
                 continue;
             };
-            if let Some(stream_id) = incoming.event.stream_id {
-                in_streams.push((position, seq, incoming.event.event_id, stream_id));
+            if incoming.event.stream_id.is_some() {
+                in_streams.push((position, seq, incoming.event));
             }
         }
         if in_streams.is_empty() {
             return outcomes;
         }
-        let ids: Vec<uuid::Uuid> = in_streams.iter().map(|(_, _, id, _)| *id).collect();
-        let last_seq = in_streams.iter().map(|(_, seq, _, _)| *seq).max().unwrap_or(0);
+        let ids: Vec<uuid::Uuid> = in_streams.iter().map(|(_, _, event)| event.event_id).collect();
+        let last_seq = in_streams.iter().map(|(_, seq, _)| *seq).max().unwrap_or(0);
         self.watermark.wait_for(last_seq, STORE_WAIT).await;
-        let stored = match store::stored_ids(&self.pool, &ids).await {
+        let stored = match store::stored_positions(&self.pool, &ids).await {
             Ok(stored) => stored,
             Err(error) => {
                 tracing::warn!(stage = STAGE, error = %error, "cannot read stored events; retrying the batch");
                 return vec![Outcome::Retry { after: OUTAGE_RETRY }; batch.len()];
             }
         };
-        let mut streams = BTreeSet::new();
-        for (position, _, id, stream_id) in &in_streams {
-            if stored.contains(id) {
-                streams.insert(stream_id.clone());
-            } else {
-                outcomes[*position] = Outcome::Retry { after: NOT_STORED_RETRY };
+        // The batch's events by stream, in stream order: usually exactly what follows each
+        // projection's watermark, so they need not be read back. An event stored from another
+        // message (the same id sent twice) is read from PostgreSQL, which holds what counts.
+        let mut arrived = Arrived::default();
+        for (position, seq, event) in in_streams {
+            let Some(row) = stored.get(&event.event_id) else {
+                outcomes[position] = Outcome::Retry { after: NOT_STORED_RETRY };
+                continue;
+            };
+            match (&row.stream_id, row.stream_version) {
+                (Some(stream_id), Some(stream_version)) if row.stream_seq as u64 == seq => {
+                    arrived.events.entry(stream_id.clone()).or_default().push(StreamEvent {
+                        event_id: event.event_id,
+                        event_type: event.event_type,
+                        data: Value::Object(event.data),
+                        stream_id: stream_id.clone(),
+                        stream_version,
+                        timestamp: event.timestamp,
+                    });
+                }
+                (Some(stream_id), _) => {
+                    arrived.read.insert(stream_id.clone());
+                }
+                (None, _) => {}
             }
         }
-        match self.project(streams.into_iter().collect()).await {
+        for events in arrived.events.values_mut() {
+            events.sort_by_key(|event| event.stream_version);
+            events.dedup_by_key(|event| event.stream_version);
+        }
+        match self.project(arrived).await {
             Ok(created) => announce_created(&self.bus, &created).await,
             Err(error) => {
                 tracing::warn!(stage = STAGE, error = %error, "cannot update projections; retrying the batch");
@@ -121,43 +143,61 @@ impl BatchHandler for Handler {
     }
 }
 
+/// What a batch brought, by entity stream.
+#[derive(Default)]
+struct Arrived {
+    /// Stored events that came with the batch, in stream order.
+    events: BTreeMap<String, Vec<StreamEvent>>,
+    /// Streams to read from PostgreSQL whatever came.
+    read: BTreeSet<String>,
+}
+
 impl Handler {
-    /// Folds what is new in these streams into every projection that covers them.
-    async fn project(&self, streams: Vec<String>) -> Result<Vec<Projection>, sqlx::Error> {
+    /// Folds what is new in these streams into every projection that covers them: the events
+    /// that arrived when they continue a stream's watermarks, else what PostgreSQL holds after
+    /// them.
+    async fn project(&self, arrived: Arrived) -> Result<Vec<Projection>, sqlx::Error> {
+        let streams: Vec<String> =
+            arrived.events.keys().chain(&arrived.read).cloned().collect::<BTreeSet<_>>().into_iter().collect();
         if streams.is_empty() {
             return Ok(Vec::new());
         }
         let definitions = projections::definitions(&self.pool).await?;
         let mut tx = self.pool.begin().await?;
         let mut stored = projections::stored_projections(&mut tx, &streams).await?;
-        let mut folds: Vec<(Fold, &Definition)> = Vec::new();
-        let mut watermarks = Vec::with_capacity(streams.len());
+        let mut folds: Vec<(Fold, &Definition, &str)> = Vec::new();
+        let mut to_read = Vec::new();
         for stream_id in &streams {
             let Some((entity_type, entity_id)) = projections::split_stream_id(stream_id) else { continue };
+            let events = arrived.events.get(stream_id).map_or(&[][..], Vec::as_slice);
             let mut from = i64::MAX;
             for definition in definitions.iter().filter(|d| d.covers(entity_type)) {
                 let existing = stored.remove(&(definition.name.clone(), stream_id.clone()));
                 let fold = Fold::start(definition, entity_type, entity_id, existing);
                 from = from.min(fold.projection.stream_version);
-                folds.push((fold, definition));
+                folds.push((fold, definition, stream_id.as_str()));
             }
-            if from != i64::MAX {
-                watermarks.push((stream_id.clone(), from));
+            let continues = !arrived.read.contains(stream_id)
+                && events.iter().zip(from.saturating_add(1)..).all(|(event, next)| event.stream_version == next);
+            if from != i64::MAX && !continues {
+                to_read.push((stream_id.clone(), from));
             }
         }
-        let events = projections::events_after(&mut *tx, &watermarks).await?;
-        for (fold, definition) in &mut folds {
-            let stream_id = format!("{}:{}", fold.projection.entity_type, fold.projection.entity_id);
-            let mine = events.iter().filter(|event| event.stream_id == stream_id);
-            fold.apply(definition, mine, self.snapshot_every);
+        let mut read: HashMap<String, Vec<StreamEvent>> = HashMap::new();
+        for event in projections::events_after(&mut *tx, &to_read).await? {
+            read.entry(event.stream_id.clone()).or_default().push(event);
         }
-        let refs: Vec<&Fold> = folds.iter().map(|(fold, _)| fold).collect();
+        for (fold, definition, stream_id) in &mut folds {
+            let events = read.get(*stream_id).or_else(|| arrived.events.get(*stream_id)).map_or(&[][..], Vec::as_slice);
+            fold.apply(definition, events, self.snapshot_every);
+        }
+        let refs: Vec<&Fold> = folds.iter().map(|(fold, _, _)| fold).collect();
         projections::save(&mut tx, &refs).await?;
         tx.commit().await?;
         Ok(folds
             .into_iter()
-            .filter(|(fold, _)| fold.created && fold.changed && fold.projection.version > 0)
-            .map(|(fold, _)| fold.projection)
+            .filter(|(fold, _, _)| fold.created && fold.changed && fold.projection.version > 0)
+            .map(|(fold, _, _)| fold.projection)
             .collect())
     }
 }

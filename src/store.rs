@@ -6,7 +6,7 @@
 //! nothing), assigns gapless stream versions in batch order, and updates every rollup and the
 //! persister's stream position in the same transaction as the rows it counts.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use serde::Serialize;
@@ -566,6 +566,27 @@ const STORED_AMONG: &str =
 pub async fn stored_ids(pool: &PgPool, ids: &[Uuid]) -> Result<HashSet<Uuid>, sqlx::Error> {
     let found: Vec<Uuid> = sqlx::query_scalar(STORED_AMONG).bind(ids).fetch_all(pool).await?;
     Ok(found.into_iter().collect())
+}
+
+/// Where a stored event sits: its entity stream and version, and the EVENTS message it was
+/// stored from.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredPosition {
+    pub event_id: Uuid,
+    pub stream_id: Option<String>,
+    pub stream_version: Option<i64>,
+    pub stream_seq: i64,
+}
+
+/// The stored events among `ids`, by id.
+pub async fn stored_positions(pool: &PgPool, ids: &[Uuid]) -> Result<HashMap<Uuid, StoredPosition>, sqlx::Error> {
+    let rows: Vec<StoredPosition> = sqlx::query_as(
+        "SELECT event_id, stream_id, stream_version, stream_seq FROM event.events WHERE event_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|row| (row.event_id, row)).collect())
 }
 
 /// Filters of `POST /api/v1/events/query`, already validated.

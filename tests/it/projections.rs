@@ -108,8 +108,9 @@ async fn the_default_projection_merges_data_as_a_json_merge_patch() {
         (Some("alice"), Some("default"))
     );
 
-    // The same event delivered again (a second message with the same event id) changes nothing.
-    let again = json!({"event_id": last, "event_type": "plan.changed", "user_id": "alice", "data": {"plan": "pro", "tags": ["a"]}});
+    // The same event id sent again, even with other data, changes nothing: the stored event
+    // is the one that counts.
+    let again = json!({"event_id": last, "event_type": "plan.changed", "user_id": "alice", "data": {"plan": "other"}});
     app.publish(
         "events.backend.user_action.plan.changed",
         async_nats::HeaderMap::new(),
@@ -120,6 +121,8 @@ async fn the_default_projection_merges_data_as_a_json_merge_patch() {
     wait_for_stored_version(&app, "default", "user", "alice", 4).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(stored_version(&app, "default", "user", "alice").await, 4);
+    let (_, projection) = app.get("/api/v1/events/projections/user/alice").await;
+    assert_eq!(projection["state"], json!({"profile": {"name": "A", "age": 3}, "plan": "pro", "tags": ["a"]}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
