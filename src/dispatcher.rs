@@ -145,6 +145,10 @@ struct Dispatcher {
 impl BatchHandler for Dispatcher {
     async fn handle(&self, batch: &[Message]) -> Vec<Outcome> {
         let snapshot = self.registry.snapshot();
+        if !snapshot.delivers() {
+            // Nobody to deliver to: nothing to decode either.
+            return vec![Outcome::Ack; batch.len()];
+        }
         let mut outgoing = Vec::new();
         let mut owners = Vec::new();
         for (position, message) in batch.iter().enumerate() {

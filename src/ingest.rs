@@ -70,13 +70,15 @@ impl Defaults {
 }
 
 /// Validates one create request (or an [`Event`] as published by the gateway, which is a
-/// superset) and builds the event.
-pub fn parse_event(value: &Value, defaults: &Defaults) -> Result<Event, Vec<FieldError>> {
-    let Some(body) = value.as_object() else {
+/// superset) and builds the event. Takes the request by value: its payload objects move into
+/// the event instead of being copied.
+pub fn parse_event(value: Value, defaults: &Defaults) -> Result<Event, Vec<FieldError>> {
+    let has_nul = contains_nul(&value);
+    let Value::Object(mut body) = value else {
         return Err(vec![FieldError::new("", "must be a JSON object")]);
     };
     let mut errors = Vec::new();
-    let mut fields = Fields { body, errors: &mut errors };
+    let mut fields = Fields { body: &body, errors: &mut errors };
 
     let event_type = match fields.string("event_type", MAX_EVENT_TYPE_CHARS) {
         Some(event_type) => Some(event_type),
@@ -106,18 +108,21 @@ pub fn parse_event(value: &Value, defaults: &Defaults) -> Result<Event, Vec<Fiel
     let organization_id = fields.string("organization_id", MAX_ID_CHARS);
     let device_id = fields.string("device_id", MAX_ID_CHARS);
     let correlation_id = fields.string("correlation_id", MAX_ID_CHARS);
-    let data = fields.object("data");
-    let metadata = fields.object("metadata");
-    let context = fields.object("context");
-    let properties = fields.object("properties");
+    for name in PAYLOAD_OBJECTS {
+        fields.check_object(name);
+    }
     let event_id = fields.uuid("event_id").or(defaults.event_id).unwrap_or_else(new_event_id);
     // PostgreSQL keeps microseconds: cut there, so the answer shows what GET will show.
     let timestamp = fields.timestamp("timestamp").unwrap_or(defaults.now).trunc_subsecs(6);
     let created_at = fields.timestamp("created_at").unwrap_or(defaults.now).trunc_subsecs(6);
     let stream_id = fields.stream_id().or_else(|| Event::implicit_stream_id(user_id.as_deref(), device_id.as_deref()));
-    if contains_nul(value) {
+    if has_nul {
         errors.push(FieldError::new("", "must not contain NUL (\\u0000) characters"));
     }
+    let [data, metadata, context, properties] = PAYLOAD_OBJECTS.map(|name| match body.remove(name) {
+        Some(Value::Object(map)) => map,
+        _ => JsonObject::new(),
+    });
 
     match event_type {
         Some(event_type) if errors.is_empty() => Ok(Event {
@@ -141,6 +146,9 @@ pub fn parse_event(value: &Value, defaults: &Defaults) -> Result<Event, Vec<Fiel
         _ => Err(errors),
     }
 }
+
+/// The object-valued fields of an event.
+const PAYLOAD_OBJECTS: [&str; 4] = ["data", "metadata", "context", "properties"];
 
 /// Parses a timestamp the way producers send them: RFC 3339, or ISO 8601 without an offset
 /// (taken as UTC, as Python's `datetime.isoformat()` writes it).
@@ -213,12 +221,18 @@ impl Fields<'_> {
 
     pub fn object(&mut self, name: &str) -> JsonObject {
         match self.get(name) {
-            None => JsonObject::new(),
             Some(Value::Object(map)) => map.clone(),
-            Some(_) => {
-                self.fail(name, "must be a JSON object");
+            _ => {
+                self.check_object(name);
                 JsonObject::new()
             }
+        }
+    }
+
+    /// Records an error unless the field is absent, `null` or an object.
+    pub fn check_object(&mut self, name: &str) {
+        if self.get(name).is_some_and(|value| !value.is_object()) {
+            self.fail(name, "must be a JSON object");
         }
     }
 
@@ -284,7 +298,7 @@ mod tests {
     use serde_json::json;
 
     fn parse(value: Value) -> Result<Event, Vec<FieldError>> {
-        parse_event(&value, &Defaults::http(Utc::now()))
+        parse_event(value, &Defaults::http(Utc::now()))
     }
 
     fn fields_of(errors: Vec<FieldError>) -> Vec<String> {

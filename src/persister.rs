@@ -596,7 +596,7 @@ pub fn decode_message(
         event_id: Some(event_id),
         event_type,
     };
-    let event = ingest::parse_event(&value, &defaults).map_err(|errors| {
+    let event = ingest::parse_event(value, &defaults).map_err(|errors| {
         let detail = errors
             .iter()
             .map(|error| {

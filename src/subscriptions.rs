@@ -82,6 +82,11 @@ fn mask<S: serde::Serializer>(_secret: &str, serializer: S) -> Result<S::Ok, S::
 }
 
 impl Subscription {
+    /// Enabled, with a callback URL to deliver to.
+    pub fn deliverable(&self) -> bool {
+        self.enabled && self.callback_url.is_some()
+    }
+
     pub fn matches(&self, event: &Event) -> bool {
         self.event_types.iter().any(|pattern| type_matches(pattern, &event.event_type))
             && self
@@ -489,9 +494,12 @@ pub struct Snapshot {
 impl Snapshot {
     /// Enabled subscriptions with a callback URL that take this event.
     pub fn matching<'a>(&'a self, event: &'a Event) -> impl Iterator<Item = &'a Arc<Subscription>> + 'a {
-        self.by_id.values().filter(move |subscription| {
-            subscription.enabled && subscription.callback_url.is_some() && subscription.matches(event)
-        })
+        self.by_id.values().filter(move |subscription| subscription.deliverable() && subscription.matches(event))
+    }
+
+    /// Whether any subscription would take any event.
+    pub fn delivers(&self) -> bool {
+        self.by_id.values().any(|subscription| subscription.deliverable())
     }
 }
 

@@ -128,7 +128,7 @@ pub fn sample(run: &str, event_type: &str, i: usize) -> Value {
 
 /// The event the gateway would build from a create request.
 pub fn stored_event(request: &Value) -> anyhow::Result<Event> {
-    ingest::parse_event(request, &Defaults::http(Utc::now()))
+    ingest::parse_event(request.clone(), &Defaults::http(Utc::now()))
         .map_err(|errors| anyhow::anyhow!("the bench built an invalid event: {errors:?}"))
 }
 

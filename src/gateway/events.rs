@@ -41,7 +41,7 @@ pub async fn create(
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let event = ingest::parse_event(&body, &Defaults::http(Utc::now())).map_err(ApiError::Validation)?;
+    let event = ingest::parse_event(body, &Defaults::http(Utc::now())).map_err(ApiError::Validation)?;
     let view = EventView { event: &event, status: EventStatus::Pending };
     if prefers_async(&headers) {
         state.bus.publish(state.event_message(&event)?).await?;
@@ -71,7 +71,7 @@ pub async fn batch(
     let now = Utc::now();
     let mut events = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
-    for (index, item) in items.iter().enumerate() {
+    for (index, item) in items.into_iter().enumerate() {
         match ingest::parse_event(item, &Defaults::http(now)) {
             Ok(event) => events.push(event),
             Err(item_errors) => errors.extend(item_errors.into_iter().map(|error| error.nested(&format!("[{index}]")))),

@@ -184,7 +184,7 @@ fn frontend_message(
         "timestamp": map.get("timestamp"),
     });
     let defaults = Defaults { event_source: EventSource::Frontend, ..Defaults::http(now) };
-    let event = ingest::parse_event(&request, &defaults);
+    let event = ingest::parse_event(request, &defaults);
     let event = match event {
         Ok(event) if errors.is_empty() => event,
         Ok(_) => return Err(errors),

@@ -55,7 +55,7 @@ pub async fn webhook(
         let prefix = format!("[{index}]");
         let event = map_event(item).and_then(|request| {
             let defaults = Defaults { event_source: EventSource::Frontend, ..Defaults::http(now) };
-            ingest::parse_event(&request, &defaults)
+            ingest::parse_event(request, &defaults)
         });
         match event.and_then(|event| {
             state.event_message(&event).map(|message| (message, event.event_id)).map_err(|error| match error {
