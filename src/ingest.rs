@@ -6,8 +6,10 @@
 //! payload fields and no NUL characters anywhere (PostgreSQL cannot store them), so the
 //! persister never meets a row it cannot write because of its content.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -147,6 +149,93 @@ pub fn parse_event(value: Value, defaults: &Defaults) -> Result<Event, Vec<Field
     }
 }
 
+/// An [`Event`] exactly as the gateway publishes it, borrowed from the message: no other field,
+/// every field of its JSON type. Anything else goes the way of [`parse_event`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Canonical<'a> {
+    event_id: Uuid,
+    #[serde(borrow)]
+    event_type: Cow<'a, str>,
+    event_source: EventSource,
+    event_category: EventCategory,
+    #[serde(borrow)]
+    user_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    session_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    organization_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    device_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    correlation_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    data: JsonObject,
+    #[serde(default)]
+    metadata: JsonObject,
+    #[serde(default)]
+    context: JsonObject,
+    #[serde(default)]
+    properties: JsonObject,
+    #[serde(borrow)]
+    stream_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    timestamp: Cow<'a, str>,
+    #[serde(borrow)]
+    created_at: Cow<'a, str>,
+}
+
+/// The event of a message in the gateway's own format (every stage reads them, most messages
+/// are), decoded straight into its fields instead of through a JSON tree. `None` when the
+/// message is in any other shape or breaks a rule: then [`parse_event`] decides, with the
+/// field errors. Where both accept a message they build the same event.
+pub fn parse_canonical(payload: &[u8]) -> Option<Event> {
+    let canonical: Canonical = serde_json::from_slice(payload).ok()?;
+    let text_ok = |text: &str, max_chars: usize| text.chars().count() <= max_chars && !text.contains('\0');
+    let id = |value: Option<Cow<'_, str>>| match value {
+        Some(text) if !text_ok(&text, MAX_ID_CHARS) => Err(()),
+        other => Ok(other.map(Cow::into_owned)),
+    };
+    let event_type = canonical.event_type;
+    if !text_ok(&event_type, MAX_EVENT_TYPE_CHARS)
+        || event_type.trim().is_empty()
+        || event_type.chars().any(char::is_control)
+    {
+        return None;
+    }
+    let [data, metadata, context, properties] =
+        [canonical.data, canonical.metadata, canonical.context, canonical.properties];
+    if [&data, &metadata, &context, &properties].iter().any(|map| object_contains_nul(map)) {
+        return None;
+    }
+    let user_id = id(canonical.user_id).ok()?;
+    let device_id = id(canonical.device_id).ok()?;
+    let stream_id = match canonical.stream_id {
+        Some(stream_id) if valid_stream_id(&stream_id) => Some(stream_id.into_owned()),
+        Some(_) => return None,
+        None => Event::implicit_stream_id(user_id.as_deref(), device_id.as_deref()),
+    };
+    let time = |text: &str| if text.contains('\0') { None } else { parse_timestamp(text).map(|t| t.trunc_subsecs(6)) };
+    Some(Event {
+        event_id: canonical.event_id,
+        event_type: event_type.into_owned(),
+        event_source: canonical.event_source,
+        event_category: canonical.event_category,
+        user_id,
+        session_id: id(canonical.session_id).ok()?,
+        organization_id: id(canonical.organization_id).ok()?,
+        device_id,
+        correlation_id: id(canonical.correlation_id).ok()?,
+        data,
+        metadata,
+        context,
+        properties,
+        stream_id,
+        timestamp: time(&canonical.timestamp)?,
+        created_at: time(&canonical.created_at)?,
+    })
+}
+
 /// The object-valued fields of an event.
 const PAYLOAD_OBJECTS: [&str; 4] = ["data", "metadata", "context", "properties"];
 
@@ -180,9 +269,13 @@ pub fn contains_nul(value: &Value) -> bool {
     match value {
         Value::String(text) => text.contains('\0'),
         Value::Array(items) => items.iter().any(contains_nul),
-        Value::Object(map) => map.iter().any(|(key, item)| key.contains('\0') || contains_nul(item)),
+        Value::Object(map) => object_contains_nul(map),
         _ => false,
     }
+}
+
+fn object_contains_nul(map: &JsonObject) -> bool {
+    map.iter().any(|(key, item)| key.contains('\0') || contains_nul(item))
 }
 
 /// Field readers over one request object that record errors as they go.
@@ -382,6 +475,46 @@ mod tests {
         let event = parse(json!({"event_type": "order.placed", "data": {"total": 5}})).unwrap();
         let again = parse(serde_json::to_value(&event).unwrap()).unwrap();
         assert_eq!(event, again);
+    }
+
+    #[test]
+    fn canonical_messages_decode_to_what_parse_event_builds() {
+        let requests = [
+            json!({"event_type": "order.placed", "user_id": "u1", "data": {"total": 5, "items": [1, "a"]}}),
+            json!({"event_type": "x", "stream_id": "order:1", "device_id": "d", "timestamp": "2025-12-30T10:00:00.1234567Z"}),
+            json!({"event_type": "é".repeat(255), "event_source": "frontend", "event_category": "page_view"}),
+        ];
+        for request in requests {
+            let event = parse(request).unwrap();
+            let wire = serde_json::to_vec(&event).unwrap();
+            assert_eq!(parse_canonical(&wire), Some(event.clone()));
+            assert_eq!(parse_canonical(&wire).unwrap(), parse(serde_json::from_slice(&wire).unwrap()).unwrap());
+        }
+    }
+
+    #[test]
+    fn anything_but_a_valid_canonical_message_is_left_to_parse_event() {
+        let event = parse(json!({"event_type": "a", "user_id": "u"})).unwrap();
+        let canonical = serde_json::to_value(&event).unwrap();
+        let variant = |change: &dyn Fn(&mut Value)| {
+            let mut value = canonical.clone();
+            change(&mut value);
+            parse_canonical(&serde_json::to_vec(&value).unwrap())
+        };
+        // Another field, a wrong type, a broken rule: not canonical.
+        assert_eq!(variant(&|v| v["entity_type"] = json!("order")), None);
+        assert_eq!(variant(&|v| v["user_id"] = json!(12)), None);
+        assert_eq!(variant(&|v| v["data"] = json!({"deep": "a\u{0}"})), None);
+        assert_eq!(variant(&|v| v["event_type"] = json!(" ")), None);
+        assert_eq!(variant(&|v| v["user_id"] = json!("x".repeat(256))), None);
+        assert_eq!(variant(&|v| v["stream_id"] = json!("nocolon")), None);
+        assert_eq!(variant(&|v| v["data"] = Value::Null), None);
+        // No stream named: the implicit one, as parse_event does.
+        let implicit = variant(&|v| v["stream_id"] = Value::Null).unwrap();
+        assert_eq!(implicit.stream_id.as_deref(), Some("user:u"));
+        // A timestamp without an offset is UTC, as parse_event takes it.
+        let naive = variant(&|v| v["timestamp"] = json!("2025-12-30T10:00:00.5")).unwrap();
+        assert_eq!(naive.timestamp, parse_timestamp("2025-12-30T10:00:00.5Z").unwrap());
     }
 
     #[test]

@@ -283,7 +283,7 @@ impl Handler {
                 },
             }
         }
-        let incoming: Vec<Incoming> = to_store.iter().map(|(_, incoming)| incoming.clone()).collect();
+        let incoming: Vec<&Incoming> = to_store.iter().map(|(_, incoming)| incoming).collect();
         let advance = Advance { stream: STREAM, from: stored_up_to, to: last };
         let written = self.through_outages(batch, || store::insert_batch(&self.pool, &incoming, Some(advance))).await;
         let new_ids = match written {
@@ -329,7 +329,7 @@ impl Handler {
         tracing::warn!(stage = STAGE, error = %error, "batch refused; storing events one by one");
         let mut new_ids = HashSet::new();
         for (envelope, incoming) in to_store {
-            let single = std::slice::from_ref(incoming);
+            let single = &[incoming];
             match self.through_outages(batch, || store::insert_batch(&self.pool, single, None)).await? {
                 Ok(InsertOutcome::Stored(ids)) => new_ids.extend(ids),
                 Ok(InsertOutcome::Conflict) => return Some(Err(Attempt::Again)),
@@ -576,6 +576,12 @@ pub fn decode_message(
     seq: u64,
     published: DateTime<Utc>,
 ) -> Result<Incoming, Rejection> {
+    let incoming =
+        |event| Incoming { event, stream_seq: seq, subject: subject.to_owned(), status: EventStatus::Pending };
+    // What the gateway published (most messages): straight into the event.
+    if let Some(event) = ingest::parse_canonical(payload) {
+        return Ok(incoming(event));
+    }
     let envelope = DecodeInput { subject, headers, payload, seq, published };
     let value: Value = serde_json::from_slice(envelope.payload)
         .map_err(|error| Rejection { code: "invalid_json", detail: format!("payload is not JSON: {error}") })?;
@@ -610,7 +616,7 @@ pub fn decode_message(
             .join("; ");
         Rejection { code: "validation_failed", detail }
     })?;
-    Ok(Incoming { event, stream_seq: envelope.seq, subject: envelope.subject.to_owned(), status: EventStatus::Pending })
+    Ok(incoming(event))
 }
 
 struct DecodeInput<'a> {

@@ -82,7 +82,7 @@ pub struct Advance<'a> {
 /// follow the batch order, which must be the JetStream order.
 pub async fn insert_batch(
     pool: &PgPool,
-    batch: &[Incoming],
+    batch: &[&Incoming],
     advance: Option<Advance<'_>>,
 ) -> Result<InsertOutcome, sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -108,6 +108,7 @@ pub async fn insert_batch(
     let mut seen = HashSet::new();
     let fresh: Vec<&Incoming> = batch
         .iter()
+        .copied()
         .filter(|incoming| !existing.contains(&incoming.event.event_id) && seen.insert(incoming.event.event_id))
         .collect();
     if !fresh.is_empty() {

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use sqlx::postgres::PgPoolCopyExt;
 
 use crate::Bench;
+use crate::cpu::CpuTimes;
 use crate::report::{Limit, Limits};
 
 /// PubAcks awaited at once by the raw publisher.
@@ -51,6 +52,7 @@ impl Bench {
             .map(|event| Ok((event.event_id.to_string(), Bytes::from(serde_json::to_vec(event)?))))
             .collect::<Result<_, serde_json::Error>>()?;
         let bar = crate::report::progress(payloads.len() as u64, "raw JetStream publish");
+        let cpu = CpuTimes::now();
         let started = Instant::now();
         let mut pending = FuturesUnordered::new();
         for (id, payload) in payloads {
@@ -73,6 +75,7 @@ impl Bench {
         bar.finish_and_clear();
         let rate = events.len() as f64 / elapsed.as_secs_f64();
         self.report.rate("raw JetStream async publish (limit)", rate, "msg", "", Limit::None);
+        self.report.cpu("raw JetStream async publish", &CpuTimes::now().per_thousand_since(&cpu, events.len()));
         js.delete_stream("BENCH_RAW").await?;
         Ok(rate)
     }
@@ -91,6 +94,7 @@ impl Bench {
             copy_row(&mut rows, event, "pending", i as i64 + 1, (i / 1000) as i64 + 1, &subject);
         }
         let bar = crate::report::progress(events.len() as u64, "raw PostgreSQL COPY");
+        let cpu = CpuTimes::now();
         let started = Instant::now();
         let mut copy = pool.copy_in_raw(&format!("COPY public.bench_raw ({COPY_COLUMNS}) FROM STDIN")).await?;
         for chunk in rows.as_bytes().chunks(1 << 20) {
@@ -101,6 +105,7 @@ impl Bench {
         bar.finish_and_clear();
         let rate = events.len() as f64 / elapsed.as_secs_f64();
         self.report.rate("raw PostgreSQL COPY, same rows and indexes (limit)", rate, "row", "", Limit::None);
+        self.report.cpu("raw PostgreSQL COPY", &CpuTimes::now().per_thousand_since(&cpu, events.len()));
         sqlx::query("DROP TABLE public.bench_raw").execute(pool).await?;
         Ok(rate)
     }

@@ -14,6 +14,7 @@
 //! writes it to a file), each figure beside its target and, for throughput, its raw limit.
 
 mod baseline;
+mod cpu;
 mod ingest;
 mod pipeline;
 mod query;
@@ -28,6 +29,7 @@ use clap::{Parser, ValueEnum};
 use serde_json::Value;
 use sqlx::PgPool;
 
+use cpu::CpuTimes;
 use report::Report;
 use service::Service;
 
@@ -260,6 +262,27 @@ impl Bench {
     /// has caught up and vacuums the events table, so that a scenario does not measure the
     /// backlog of the one before.
     async fn drain(&self) -> anyhow::Result<()> {
+        self.caught_up().await?;
+        // Vacuum now rather than let autovacuum start in the middle of the next measurement.
+        if let Some(pool) = &self.pool {
+            sqlx::raw_sql("VACUUM (ANALYZE) event.events").execute(pool).await?;
+        }
+        Ok(())
+    }
+
+    /// Reports the CPU the pipeline spent on `events` since `before`, once every stage has
+    /// handled them (only when the servers run on this machine).
+    async fn cpu_cost(&self, scenario: &str, before: &CpuTimes, events: usize) -> anyhow::Result<()> {
+        if self.service_pid.is_none() {
+            return Ok(());
+        }
+        self.caught_up().await?;
+        self.report.cpu(scenario, &CpuTimes::now().per_thousand_since(before, events));
+        Ok(())
+    }
+
+    /// Waits until every stage reading EVENTS has handled everything in it.
+    async fn caught_up(&self) -> anyhow::Result<()> {
         let js = async_nats::jetstream::new(self.nats.clone());
         let events = js.get_stream("EVENTS").await?;
         let started = Instant::now();
@@ -293,10 +316,6 @@ impl Bench {
         }
         if started.elapsed() > Duration::from_secs(1) {
             println!("  (waited {:.1} s for the pipeline to catch up)", started.elapsed().as_secs_f64());
-        }
-        // Vacuum now rather than let autovacuum start in the middle of the next measurement.
-        if let Some(pool) = &self.pool {
-            sqlx::raw_sql("VACUUM (ANALYZE) event.events").execute(pool).await?;
         }
         Ok(())
     }

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::Bench;
+use crate::cpu::CpuTimes;
 use crate::report::{Limit, new_histogram, record};
 
 impl Bench {
@@ -62,6 +63,7 @@ impl Bench {
         // Throughput: batches in, processed announcements out.
         let total: usize = if self.args.quick { 5_000 } else { 50_000 };
         let batch = 500;
+        let cpu = CpuTimes::now();
         let started = Instant::now();
         let mut sends = futures::stream::iter((0..total / batch).map(|b| {
             let events: Vec<Value> = (0..batch)
@@ -105,6 +107,7 @@ impl Bench {
             "> 500 ev/s per processor (spec)",
             Limit::None,
         );
+        self.cpu_cost("Processing, one `publish` processor", &cpu, total).await?;
 
         // Latency: create (stored) → processed, one at a time.
         let count = if self.args.quick { 300 } else { 2_000 };
@@ -157,6 +160,7 @@ impl Bench {
             .await
             .map(|sum| sum.unwrap_or(0))
         };
+        let cpu = CpuTimes::now();
         let started = Instant::now();
         let mut sends = futures::stream::iter((0..total / 1000).map(|b| {
             let events: Vec<Value> = (0..1000)
@@ -182,6 +186,7 @@ impl Bench {
         let done = applied(pool.clone(), kind.clone()).await?;
         println!("  {done} of {total} events applied over 100 streams in {:.2} s", elapsed.as_secs_f64());
         self.report.rate("Projector, 100 streams", done as f64 / elapsed.as_secs_f64(), "ev", "", Limit::None);
+        self.cpu_cost("Projector, 100 streams", &cpu, total as usize).await?;
         let count = if self.args.quick { 200 } else { 1_000 };
         let mut histogram = new_histogram();
         let stream = format!("{kind}-latency:one");

@@ -71,6 +71,13 @@ impl Report {
         self.push(scenario, summary, target, String::new());
     }
 
+    /// What a scenario cost in CPU, per 1 000 events.
+    pub fn cpu(&self, scenario: &str, per_thousand: &str) {
+        let scenario = format!("{scenario}: CPU per 1 000 events");
+        println!("{scenario}: {per_thousand}");
+        self.push(&scenario, per_thousand.to_owned(), "", String::new());
+    }
+
     pub fn peak_rss(&self, mib: f64) {
         let mut peak = lock(&self.peak_rss_mib);
         *peak = peak.max(mib);
