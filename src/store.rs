@@ -267,10 +267,12 @@ async fn insert_events(
     Ok(result.rows_affected())
 }
 
-/// Every transaction that moves rollup counts takes this lock first (the persister adding
-/// events, the processor moving statuses). The rows of a data-modifying statement are locked
-/// in no fixed order, so without it two such transactions can deadlock on the shared counter
-/// rows; they would wait for each other on those rows anyway.
+/// Every transaction that moves rollup counts takes this lock before it touches a rollup row
+/// (the persister adding events, the processor moving statuses), as late as it can: it is
+/// held until the commit. The rows of a data-modifying statement are locked in no fixed
+/// order, so without it two such transactions can deadlock on the shared counter rows; they
+/// would wait for each other on those rows anyway. Nobody waits for another lock while
+/// holding it.
 pub async fn lock_rollups(tx: &mut sqlx::Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
     const ROLLUPS_LOCK: i64 = 0x6576_5f72_6f6c_6c75;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(ROLLUPS_LOCK).execute(&mut **tx).await?;
