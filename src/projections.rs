@@ -423,13 +423,8 @@ pub async fn save(tx: &mut Transaction<'_, Postgres>, folds: &[&Fold]) -> Result
     let n = rows.len();
     let (mut ids, mut names, mut types, mut entities) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut states, mut versions, mut stream_versions, mut last_ids, mut created) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
+    let (mut states, mut versions, mut stream_versions, mut last_ids) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for projection in rows {
         ids.push(projection.projection_id);
         names.push(projection.projection_name.as_str());
@@ -439,13 +434,13 @@ pub async fn save(tx: &mut Transaction<'_, Postgres>, folds: &[&Fold]) -> Result
         versions.push(projection.version);
         stream_versions.push(projection.stream_version);
         last_ids.push(projection.last_event_id);
-        created.push(projection.created_at);
     }
+    // created_at and updated_at are PostgreSQL's clock, one instant for a new row.
     sqlx::query(
         "INSERT INTO event.event_projections (projection_id, projection_name, entity_type, entity_id, state, version, \
-             stream_version, last_event_id, created_at) \
+             stream_version, last_event_id) \
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::bigint[], \
-             $7::bigint[], $8::uuid[], $9::timestamptz[]) \
+             $7::bigint[], $8::uuid[]) \
          ON CONFLICT (projection_name, entity_type, entity_id) DO UPDATE SET state = EXCLUDED.state, \
              version = EXCLUDED.version, stream_version = EXCLUDED.stream_version, \
              last_event_id = EXCLUDED.last_event_id, updated_at = now() \
@@ -459,7 +454,6 @@ pub async fn save(tx: &mut Transaction<'_, Postgres>, folds: &[&Fold]) -> Result
     .bind(versions)
     .bind(stream_versions)
     .bind(last_ids)
-    .bind(created)
     .execute(&mut **tx)
     .await?;
     let snapshots: Vec<&Snapshot> = folds.iter().flat_map(|fold| &fold.snapshots).collect();

@@ -98,6 +98,8 @@ async fn the_default_projection_merges_data_as_a_json_merge_patch() {
     assert_eq!(projection["state"], json!({"profile": {"name": "A", "age": 3}, "plan": "pro", "tags": ["a"]}));
     assert_eq!((projection["version"].as_i64(), projection["last_event_id"].as_str()), (Some(3), Some(last.as_str())));
     assert_eq!(projection["projection_name"], "default");
+    let time = |field: &str| chrono::DateTime::parse_from_rfc3339(projection[field].as_str().unwrap()).unwrap();
+    assert!(time("created_at") <= time("updated_at"), "{projection}");
     assert_eq!(app.get("/api/v1/events/projections/user/nobody").await.0, StatusCode::NOT_FOUND);
 
     let announced =
