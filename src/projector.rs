@@ -123,6 +123,7 @@ impl BatchHandler for Handler {
                     });
                 }
                 (Some(stream_id), _) => {
+                    arrived.events.entry(stream_id.clone()).or_default();
                     arrived.read.insert(stream_id.clone());
                 }
                 (None, _) => {}
@@ -146,7 +147,8 @@ impl BatchHandler for Handler {
 /// What a batch brought, by entity stream.
 #[derive(Default)]
 struct Arrived {
-    /// Stored events that came with the batch, in stream order.
+    /// Every stream the batch touched, with its stored events that came with the batch, in
+    /// stream order.
     events: BTreeMap<String, Vec<StreamEvent>>,
     /// Streams to read from PostgreSQL whatever came.
     read: BTreeSet<String>,
@@ -157,8 +159,7 @@ impl Handler {
     /// that arrived when they continue a stream's watermarks, else what PostgreSQL holds after
     /// them.
     async fn project(&self, arrived: Arrived) -> Result<Vec<Projection>, sqlx::Error> {
-        let streams: Vec<String> =
-            arrived.events.keys().chain(&arrived.read).cloned().collect::<BTreeSet<_>>().into_iter().collect();
+        let streams: Vec<String> = arrived.events.keys().cloned().collect();
         if streams.is_empty() {
             return Ok(Vec::new());
         }

@@ -37,17 +37,14 @@ pub enum InsertOutcome {
     Conflict,
 }
 
-/// The stream sequence up to which the persister has stored `stream`.
+/// The stream sequence up to which the persister has stored `stream`; creates the position
+/// row (at 0) the first time, so the persister's first batch can move it.
 pub async fn persisted_position(pool: &PgPool, stream: &str) -> Result<u64, sqlx::Error> {
     sqlx::query("INSERT INTO event.persister_position (stream, last_seq) VALUES ($1, 0) ON CONFLICT DO NOTHING")
         .bind(stream)
         .execute(pool)
         .await?;
-    let position: i64 = sqlx::query_scalar("SELECT last_seq FROM event.persister_position WHERE stream = $1")
-        .bind(stream)
-        .fetch_one(pool)
-        .await?;
-    Ok(position.max(0) as u64)
+    read_position(pool, stream).await
 }
 
 /// The stored position, read only (0 before the persister's first batch).
@@ -218,10 +215,10 @@ async fn insert_events(
         organizations.push(event.organization_id.as_deref());
         devices.push(event.device_id.as_deref());
         correlations.push(event.correlation_id.as_deref());
-        data.push(Value::Object(event.data.clone()));
-        metadata.push(Value::Object(event.metadata.clone()));
-        context.push(Value::Object(event.context.clone()));
-        properties.push(Value::Object(event.properties.clone()));
+        data.push(sqlx::types::Json(&event.data));
+        metadata.push(sqlx::types::Json(&event.metadata));
+        context.push(sqlx::types::Json(&event.context));
+        properties.push(sqlx::types::Json(&event.properties));
         stream_ids.push(event.stream_id.as_deref());
         seqs.push(incoming.stream_seq as i64);
         subjects.push(incoming.subject.as_str());
