@@ -7,13 +7,15 @@ WORKDIR /build
 # Only what the build reads: the build context may hold target/ and local data.
 COPY Cargo.toml Cargo.lock ./
 COPY bins bins
+# The workspace's other member: only its manifest and sources, it is not built here.
+COPY bench bench
 COPY src src
 COPY migrations migrations
 COPY jetstream jetstream
 COPY docs docs
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/build/target \
-    cargo build --release --locked --bin event-service --bin event-gateway --bin event-persister \
+    cargo build --release --locked -p event-service --bin event-service --bin event-gateway --bin event-persister \
     && mkdir -p /out \
     && cp target/release/event-service target/release/event-gateway target/release/event-persister /out/
 

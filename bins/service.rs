@@ -2,23 +2,23 @@
 //! a private nats-server and PostgreSQL under `EVENT_DATA_DIR` (default `.data`), reused by
 //! the next run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
-use event_service::local::{LocalNats, LocalPostgres};
-use event_service::settings::{
-    CallbackArgs, DatabaseArgs, DispatcherArgs, GatewayArgs, LogArgs, NatsArgs, PersisterArgs, ProcessorArgs,
-    ProjectorArgs,
+use event_service::domain::Secret;
+use event_service::domain::secret::shown_url;
+use event_service::infra::local::{LocalNats, LocalPostgres};
+use event_service::infra::settings::{
+    CallbackArgs, Common, DispatcherArgs, GatewayArgs, PersisterArgs, ProcessorArgs, ProjectorArgs,
 };
-use event_service::{service, shutdown, telemetry};
+use event_service::infra::{db, shutdown, telemetry};
+use event_service::service;
 
 #[derive(Parser)]
 #[command(version, about = "The whole event pipeline in one process")]
 struct Args {
     #[command(flatten)]
-    nats: NatsArgs,
-    #[command(flatten)]
-    database: DatabaseArgs,
+    common: Common,
     #[command(flatten)]
     gateway: GatewayArgs,
     #[command(flatten)]
@@ -31,8 +31,6 @@ struct Args {
     projector: ProjectorArgs,
     #[command(flatten)]
     callbacks: CallbackArgs,
-    #[command(flatten)]
-    log: LogArgs,
     /// Where the private servers keep their data when no URLs are given.
     #[arg(long, env = "EVENT_DATA_DIR", default_value = ".data")]
     data_dir: PathBuf,
@@ -49,52 +47,69 @@ enum Command {
     Setup,
 }
 
+/// Where NATS and PostgreSQL are, and the private servers started when none was given (they
+/// stop when dropped).
+struct Servers {
+    nats_url: String,
+    database_url: Secret,
+    local_nats: Option<LocalNats>,
+    local_postgres: Option<LocalPostgres>,
+}
+
+impl Servers {
+    async fn given_or_started(args: &Args, data_dir: &Path) -> anyhow::Result<Self> {
+        let (nats_url, local_nats) = match &args.common.nats.nats_url {
+            Some(url) => (url.clone(), None),
+            None => {
+                let local = LocalNats::start(&args.nats_server_bin, &data_dir.join("nats"), 0)?;
+                (local.url.clone(), Some(local))
+            }
+        };
+        let (database_url, local_postgres) = match &args.common.database.database_url {
+            Some(url) => (url.clone(), None),
+            None => {
+                let local = LocalPostgres::start(&data_dir.join("postgres"), 0, true)?;
+                db::ensure_database(&local.url("postgres"), "event_service").await?;
+                (Secret::new(local.url("event_service")), Some(local))
+            }
+        };
+        Ok(Self { nats_url, database_url, local_nats, local_postgres })
+    }
+
+    fn print(&self, http: std::net::SocketAddr, data_dir: &Path) {
+        let shown = match http.ip().is_unspecified() {
+            true => format!("http://127.0.0.1:{}", http.port()),
+            false => format!("http://{http}"),
+        };
+        let private = |local: bool, what: &str| if local { format!("   (private {what})") } else { String::new() };
+        println!("event-service is running");
+        println!("  HTTP API     {shown}   (try: curl {shown}/health)");
+        println!("  NATS         {}{}", shown_url(&self.nats_url), private(self.local_nats.is_some(), "nats-server"));
+        let database = shown_url(self.database_url.expose());
+        println!("  PostgreSQL   {database}{}", private(self.local_postgres.is_some(), "cluster"));
+        if self.local_nats.is_some() || self.local_postgres.is_some() {
+            println!("  data folder  {}", data_dir.display());
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    telemetry::init(&args.log.format);
+    telemetry::init(&args.common.log.format);
     let token = shutdown::on_signal();
-
     let data_dir = std::path::absolute(&args.data_dir)?;
-    let local_nats = match &args.nats.nats_url {
-        Some(_) => None,
-        None => Some(LocalNats::start(&args.nats_server_bin, &data_dir.join("nats"), 0)?),
-    };
-    let local_postgres = match &args.database.database_url {
-        Some(_) => None,
-        None => Some(LocalPostgres::start(&data_dir.join("postgres"), 0, true)?),
-    };
-    let nats_url = match (&args.nats.nats_url, &local_nats) {
-        (Some(url), _) => url.clone(),
-        (None, Some(local)) => local.url.clone(),
-        (None, None) => unreachable!("a local server was started"),
-    };
-    let database_url = match (&args.database.database_url, &local_postgres) {
-        (Some(url), _) => url.clone(),
-        (None, Some(local)) => {
-            event_service::db::ensure_database(&local.url("postgres"), "event_service").await?;
-            local.url("event_service")
-        }
-        (None, None) => unreachable!("a local server was started"),
-    };
+    let servers = Servers::given_or_started(&args, &data_dir).await?;
+    let (nats, database) = (&args.common.nats, &args.common.database);
     let (bus, pool) =
-        service::connect_and_set_up(&nats_url, &args.nats, &database_url, &args.database, "event-service").await?;
+        service::connect_and_set_up(&servers.nats_url, nats, &servers.database_url, database, "event-service").await?;
     if matches!(args.command, Some(Command::Setup)) {
         println!("JetStream topology and database migrations are up to date");
         return Ok(());
     }
     let listener = tokio::net::TcpListener::bind(args.gateway.http_addr).await?;
-    let http = listener.local_addr()?;
-    let shown =
-        if http.ip().is_unspecified() { format!("http://127.0.0.1:{}", http.port()) } else { format!("http://{http}") };
-    println!("event-service is running");
-    println!("  HTTP API     {shown}   (try: curl {shown}/health)");
-    println!("  NATS         {nats_url}{}", if local_nats.is_some() { "   (private nats-server)" } else { "" });
-    println!("  PostgreSQL   {database_url}{}", if local_postgres.is_some() { "   (private cluster)" } else { "" });
-    if local_nats.is_some() || local_postgres.is_some() {
-        println!("  data folder  {}", data_dir.display());
-    }
-    if local_nats.is_some() && args.callbacks.allowed_nets.is_empty() {
+    servers.print(listener.local_addr()?, &data_dir);
+    if servers.local_nats.is_some() && args.callbacks.allowed_nets.is_empty() {
         // The local run: webhooks to services on this machine are the point.
         args.callbacks.allowed_nets = vec!["127.0.0.0/8".parse()?, "::1/128".parse()?];
         println!("  callbacks    may reach loopback (local run; set EVENT_CALLBACK_ALLOWED_NETS to change)");
@@ -109,8 +124,7 @@ async fn main() -> anyhow::Result<()> {
         callbacks: &args.callbacks,
     };
     service::run_all(bus, pool, listener, stages, token).await?;
-    drop(local_postgres);
-    drop(local_nats);
+    drop(servers);
     Ok(())
 }
 

@@ -1,50 +1,33 @@
 //! event-service: a NATS-native event pipeline.
 //!
 //! Events arrive over HTTP ([`gateway`]) or straight on `events.>` subjects, land in the
-//! JetStream stream EVENTS, and every stage reads them from there with a durable consumer.
-//! The [`persister`] stores them in PostgreSQL ([`store`]), from which the gateway answers
-//! queries and statistics. See ARCHITECTURE.md for the whole pipeline.
+//! JetStream stream EVENTS, and every stage ([`stages`]) reads them from there with a durable
+//! consumer. The persister stores them in PostgreSQL ([`store`]), from which the gateway
+//! answers queries and statistics. See ARCHITECTURE.md for the whole pipeline.
 //!
-//! Modules:
-//! - [`model`]: sources, categories, statuses and the canonical [`model::Event`].
-//! - [`ingest`]: validation at the edge, turning requests into events.
-//! - [`subject`]: every NATS subject, built in one place.
-//! - [`bus`]: NATS connection, JetStream topology (`jetstream/`), publish and atomic batch.
-//! - [`consume`]: the consume loop and the Ack / Retry / Reject outcomes.
-//! - [`db`] and [`store`]: the PostgreSQL pool, migrations (`migrations/`) and queries.
-//! - [`gateway`]: the HTTP API.
-//! - [`persister`]: the stage that stores events.
-//! - [`processors`] (the registry), [`processing`] (running and recording) and
-//!   [`processor`] (the stage): event processing. [`replay`]: replay jobs.
-//! - [`subscriptions`] and [`dispatcher`]: subscriptions and their webhook deliveries.
-//! - [`projections`] and [`projector`]: event sourcing, entity projections and time travel.
-//! - [`watermark`]: how far the persister has stored, for the stages that wait for it.
-//! - [`callback`]: the guard and HTTP client for outgoing callbacks.
+//! The module map follows the pipeline, from the bottom up (each layer uses only the ones
+//! above it in this list):
+//! - [`domain`]: the event, its ids, sources, categories and statuses, event-type patterns,
+//!   validation at the edge, secrets. No I/O.
+//! - [`wire`]: what travels between stages: stream and subject names, headers, the EVENTS
+//!   codec (one decode for every stage), the DELIVERIES message, the domain events on
+//!   `event.>`. No I/O.
+//! - [`infra`]: the NATS bus and topology, the one consume loop (outcomes, heartbeats, holding
+//!   a batch through outages, dead letters), PostgreSQL, outgoing callbacks (one guard, one
+//!   client, one rule), settings, logging, shutdown, private servers for local runs and tests.
+//! - [`store`]: the SQL, one module per kind of row.
+//! - [`registry`]: processors, subscriptions and projection definitions, each with its table,
+//!   its validation and its live in-memory set ([`registry::Registry`]).
+//! - [`stages`]: persister, processor, replayer, dispatcher, sender, projector: each a folder
+//!   with the stage, its handler (the I/O shell) and its decisions as pure functions.
+//! - [`gateway`]: the HTTP API, one module per resource, one error type.
 //! - [`service`]: running stages together.
-//! - [`local`]: private nats-server and PostgreSQL for the local run and the tests.
-//! - [`settings`], [`telemetry`], [`shutdown`]: what every binary needs.
 
-pub mod bus;
-pub mod callback;
-pub mod consume;
-pub mod db;
-pub mod dispatcher;
+pub mod domain;
 pub mod gateway;
-pub mod ingest;
-pub mod local;
-pub mod model;
-pub mod persister;
-pub mod processing;
-pub mod processor;
-pub mod processors;
-pub mod projections;
-pub mod projector;
-pub mod replay;
+pub mod infra;
+pub mod registry;
 pub mod service;
-pub mod settings;
-pub mod shutdown;
+pub mod stages;
 pub mod store;
-pub mod subject;
-pub mod subscriptions;
-pub mod telemetry;
-pub mod watermark;
+pub mod wire;

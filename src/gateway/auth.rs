@@ -1,6 +1,7 @@
 //! API-key authentication for the management endpoints: `Authorization: Bearer <key>`.
 //!
-//! Keys are kept as SHA-256 digests and compared in constant time.
+//! Reads the `Authorization` header; writes nothing. Keys are kept as SHA-256 digests and
+//! compared in constant time.
 
 use axum::extract::{Request, State};
 use axum::http::header;
@@ -11,6 +12,7 @@ use subtle::ConstantTimeEq;
 
 use super::AppState;
 use super::error::ApiError;
+use crate::domain::Secret;
 
 /// The configured keys; empty means authentication is off.
 #[derive(Clone, Default)]
@@ -19,8 +21,8 @@ pub struct ApiKeys {
 }
 
 impl ApiKeys {
-    pub fn new(keys: &[String]) -> Self {
-        let digests = keys.iter().map(|key| key.trim()).filter(|key| !key.is_empty()).map(digest).collect();
+    pub fn new(keys: &[Secret]) -> Self {
+        let digests = keys.iter().map(|key| key.expose().trim()).filter(|key| !key.is_empty()).map(digest).collect();
         Self { digests }
     }
 

@@ -1,12 +1,18 @@
 //! The one HTTP error type. 4xx bodies are `{"code", "detail"}` (plus `errors` for
-//! validation); 5xx bodies say nothing internal, the log says all.
+//! validation); 5xx bodies say nothing internal, the log says all (with the request id that
+//! the `x-request-id` response header carries).
+//!
+//! Database errors are mapped once, by their kind ([`crate::infra::db::kind`]): PostgreSQL
+//! unreachable is 503 `database_unavailable` with `Retry-After`; a unique violation is 409
+//! `conflict`; anything else is 500 `internal_error`, because retrying cannot help.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::bus::BusError;
-use crate::ingest::FieldError;
+use crate::domain::FieldError;
+use crate::infra::bus::BusError;
+use crate::infra::db::{self, ErrorKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -32,6 +38,8 @@ pub enum ApiError {
     Bus(#[from] BusError),
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 #[derive(Serialize)]
@@ -94,15 +102,23 @@ impl IntoResponse for ApiError {
                     None,
                 )
             }
-            ApiError::Database(error) => {
-                tracing::error!(error = %error, "database error");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "database_unavailable",
-                    "The event store is unavailable. Retry later.".to_owned(),
-                    None,
-                )
-            }
+            ApiError::Database(error) => match db::kind(error) {
+                ErrorKind::Transient => {
+                    tracing::error!(error = %error, "database unavailable");
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "database_unavailable",
+                        "The event store is unavailable. Retry later.".to_owned(),
+                        None,
+                    )
+                }
+                ErrorKind::UniqueViolation => {
+                    tracing::info!(error = %error, "unique violation");
+                    (StatusCode::CONFLICT, "conflict", "The resource exists already".to_owned(), None)
+                }
+                ErrorKind::Permanent => internal(error),
+            },
+            ApiError::Internal(error) => internal(error.as_ref()),
         };
         let mut response = (status, axum::Json(Body { code, detail, errors })).into_response();
         if matches!(self, ApiError::Unauthorized) {
@@ -115,11 +131,45 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A 500 that tells the client nothing internal; the log line (in the request's span, with
+/// its request id) tells the operator everything.
+fn internal(error: &dyn std::error::Error) -> (StatusCode, &'static str, String, Option<&'static [FieldError]>) {
+    tracing::error!(error = %error, source = ?error.source().map(ToString::to_string), "internal error");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "Something went wrong on our side; it was logged under the request id in the x-request-id header".to_owned(),
+        None,
+    )
+}
+
 fn summarize(errors: &[FieldError]) -> String {
     match errors {
         [] => "Invalid request".to_owned(),
         [one] if one.field.is_empty() => one.message.clone(),
         [one] => format!("{} {}", one.field, one.message),
         many => format!("{} fields are invalid", many.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(error: ApiError) -> (StatusCode, Option<String>) {
+        let response = error.into_response();
+        let retry_after = response.headers().get(header::RETRY_AFTER).map(|v| v.to_str().unwrap_or("").to_owned());
+        (response.status(), retry_after)
+    }
+
+    #[test]
+    fn database_errors_map_by_their_kind() {
+        assert_eq!(
+            status(ApiError::Database(sqlx::Error::PoolTimedOut)),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("1".to_owned()))
+        );
+        assert_eq!(status(ApiError::Database(sqlx::Error::RowNotFound)), (StatusCode::INTERNAL_SERVER_ERROR, None));
+        let decode = sqlx::Error::ColumnDecode { index: "status".into(), source: "unknown EventStatus".into() };
+        assert_eq!(status(ApiError::Database(decode)), (StatusCode::INTERNAL_SERVER_ERROR, None));
     }
 }

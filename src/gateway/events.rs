@@ -5,6 +5,8 @@
 //! safe in JetStream either way. A client sending `Prefer: respond-async` (RFC 7240) gets its
 //! 202 as soon as JetStream has acknowledged the events, without waiting for PostgreSQL.
 //! Reads go straight to PostgreSQL.
+//!
+//! Reads HTTP and PostgreSQL; writes `events.>`.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -13,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bytes::Bytes;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -22,11 +23,13 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::JsonBody;
-use crate::bus::{self, Outgoing};
-use crate::ingest::{self, Defaults, FieldError, Fields};
-use crate::model::{Event, EventCategory, EventSource, EventStatus};
-use crate::store::{self, EventFilter, StoredEvent};
-use crate::subject;
+use crate::domain::fields::object_body;
+use crate::domain::parse::{self, Defaults, MAX_EVENT_TYPE_CHARS};
+use crate::domain::{Event, EventCategory, EventSource, EventStatus, FieldError, Fields, MAX_ID_CHARS};
+use crate::store::events::{self as stored, StoredEvent};
+use crate::store::query::{self, EventFilter};
+use crate::store::statistics::{self, Statistics};
+use crate::wire::{Outgoing, codec, headers};
 
 /// An accepted event as create and batch answer it.
 #[derive(Serialize)]
@@ -41,13 +44,13 @@ pub async fn create(
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let event = ingest::parse_event(body, &Defaults::http(Utc::now())).map_err(ApiError::Validation)?;
+    let event = parse::parse_event(body, &Defaults::http(Utc::now())).map_err(ApiError::Validation)?;
     let view = EventView { event: &event, status: EventStatus::Pending };
     if prefers_async(&headers) {
         state.bus.publish(state.event_message(&event)?).await?;
         return Ok(accepted_async(&view));
     }
-    let message = state.event_message(&event)?.with_header(bus::NOTIFY_HEADER, state.waiters.subject());
+    let message = state.event_message(&event)?.with_header(headers::NOTIFY, state.waiters.subject());
     let waiting = state.waiters.register(&[event.event_id]);
     let stored = state.bus.publish(message).await?;
     let in_database = waiting.wait(&state.pool, state.store_timeout, stored.duplicate).await;
@@ -72,7 +75,7 @@ pub async fn batch(
     let mut events = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
-        match ingest::parse_event(item, &Defaults::http(now)) {
+        match parse::parse_event(item, &Defaults::http(now)) {
             Ok(event) => events.push(event),
             Err(item_errors) => errors.extend(item_errors.into_iter().map(|error| error.nested(&format!("[{index}]")))),
         }
@@ -100,7 +103,7 @@ pub async fn batch(
             other => other,
         })?;
         let message =
-            if respond_async { message } else { message.with_header(bus::NOTIFY_HEADER, state.waiters.subject()) };
+            if respond_async { message } else { message.with_header(headers::NOTIFY, state.waiters.subject()) };
         messages.push((event.event_id, message));
     }
     let views: Vec<EventView> = events.iter().map(|event| EventView { event, status: EventStatus::Pending }).collect();
@@ -151,7 +154,7 @@ async fn publish_new(state: &AppState, mut messages: Vec<(Uuid, Outgoing)>) -> R
         };
         seen_before = true;
         let ids: Vec<Uuid> = messages.iter().map(|(id, _)| *id).collect();
-        let stored = store::stored_ids(&state.pool, &ids).await?;
+        let stored = stored::stored_ids(&state.pool, &ids).await?;
         messages.retain(|(id, _)| !stored.contains(id));
         if messages.is_empty() {
             return Ok(true);
@@ -179,17 +182,15 @@ fn answer(in_database: bool, body: &impl Serialize) -> Response {
 impl AppState {
     /// The EVENTS message of an event, refused when it is larger than an event may be.
     pub(super) fn event_message(&self, event: &Event) -> Result<Outgoing, ApiError> {
-        let payload = serde_json::to_vec(event).map_err(|error| ApiError::BadRequest(error.to_string()))?;
-        if payload.len() > self.max_event_bytes {
+        let message = codec::encode(event).map_err(|error| ApiError::Internal(error.into()))?;
+        if message.payload.len() > self.max_event_bytes {
             return Err(ApiError::EventTooLarge(format!(
                 "the event is {} bytes once encoded; the limit is {}",
-                payload.len(),
+                message.payload.len(),
                 self.max_event_bytes
             )));
         }
-        let subject =
-            subject::event_subject(event.event_source.as_str(), event.event_category.as_str(), &event.event_type);
-        Ok(Outgoing::event(subject, event.event_id, Bytes::from(payload)))
+        Ok(message)
     }
 }
 
@@ -198,7 +199,7 @@ pub async fn get_event(
     Path(event_id): Path<String>,
 ) -> Result<Json<StoredEvent>, ApiError> {
     let event_id = Uuid::parse_str(&event_id).map_err(|_| ApiError::NotFound("Event"))?;
-    store::get_event(&state.pool, event_id).await?.map(Json).ok_or(ApiError::NotFound("Event"))
+    stored::get_event(&state.pool, event_id).await?.map(Json).ok_or(ApiError::NotFound("Event"))
 }
 
 #[derive(Serialize)]
@@ -214,7 +215,7 @@ pub struct QueryAnswer {
 
 pub async fn query(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<QueryAnswer>, ApiError> {
     let filter = parse_filter(&body).map_err(ApiError::Validation)?;
-    let (events, total) = store::query_events(&state.pool, &filter).await?;
+    let (events, total) = query::query_events(&state.pool, &filter).await?;
     let has_more = filter.offset + (events.len() as i64) < total.count;
     Ok(Json(QueryAnswer {
         events,
@@ -228,14 +229,12 @@ pub async fn query(State(state): State<AppState>, JsonBody(body): JsonBody) -> R
 
 /// Validates the body of `POST /api/v1/events/query`.
 pub fn parse_filter(body: &Value) -> Result<EventFilter, Vec<FieldError>> {
-    let Some(map) = body.as_object() else {
-        return Err(vec![FieldError::new("body", "must be a JSON object")]);
-    };
+    let map = object_body(body)?;
     let mut errors = Vec::new();
     let mut fields = Fields { body: map, errors: &mut errors };
     let mut filter = EventFilter {
-        user_id: fields.string("user_id", ingest::MAX_ID_CHARS),
-        event_type: fields.string("event_type", ingest::MAX_EVENT_TYPE_CHARS),
+        user_id: fields.string("user_id", MAX_ID_CHARS),
+        event_type: fields.string("event_type", MAX_EVENT_TYPE_CHARS),
         event_source: fields.enumerated("event_source", EventSource::parse, EventSource::expected),
         event_category: fields.enumerated("event_category", EventCategory::parse, EventCategory::expected),
         status: fields.enumerated("status", EventStatus::parse, EventStatus::expected),
@@ -250,16 +249,8 @@ pub fn parse_filter(body: &Value) -> Result<EventFilter, Vec<FieldError>> {
         Some(Value::Object(data)) => filter.data = Some(Value::Object(data.clone())),
         Some(_) => fields.fail("data", "must be a JSON object (matched by containment)"),
     }
-    match fields.get("limit").map(Value::as_i64) {
-        None => {}
-        Some(Some(limit)) if (1..=1000).contains(&limit) => filter.limit = limit,
-        Some(_) => fields.fail("limit", "must be an integer from 1 to 1000"),
-    }
-    match fields.get("offset").map(Value::as_i64) {
-        None => {}
-        Some(Some(offset)) if offset >= 0 => filter.offset = offset,
-        Some(_) => fields.fail("offset", "must be an integer ≥ 0"),
-    }
+    filter.limit = fields.integer("limit", 1..=1000).unwrap_or(100);
+    filter.offset = fields.integer("offset", 0..=i64::MAX).unwrap_or(0);
     if let (Some(start), Some(end)) = (filter.start_time, filter.end_time)
         && end < start
     {
@@ -276,9 +267,9 @@ pub struct StatisticsParams {
 pub async fn statistics(
     State(state): State<AppState>,
     Query(params): Query<StatisticsParams>,
-) -> Result<Json<store::Statistics>, ApiError> {
+) -> Result<Json<Statistics>, ApiError> {
     let user_id = params.user_id.filter(|user| !user.is_empty());
-    Ok(Json(store::statistics(&state.pool, user_id.as_deref(), Utc::now()).await?))
+    Ok(Json(statistics::statistics(&state.pool, user_id.as_deref(), Utc::now()).await?))
 }
 
 #[cfg(test)]

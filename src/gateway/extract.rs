@@ -1,5 +1,6 @@
 //! Request extractors that answer in the service's error shape: malformed JSON or an empty
 //! body is a 422 validation error, an oversized body a 413, never axum's plain-text defaults.
+//! Reads request bodies; writes nothing.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;

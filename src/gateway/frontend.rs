@@ -3,13 +3,14 @@
 //! Enriches each event with the client's IP (X-Forwarded-For aware), User-Agent and Referer,
 //! publishes it to `events.frontend.{category}.{event_type}` and answers on PubAck, without
 //! waiting for PostgreSQL. A batch accepts its valid items and reports the others one by one.
+//!
+//! Reads HTTP; writes `events.>`.
 
 use std::net::SocketAddr;
 
 use axum::Json;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, header};
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -18,10 +19,9 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::JsonBody;
-use crate::bus::Outgoing;
-use crate::ingest::{self, Defaults, FieldError, Fields};
-use crate::model::{EventCategory, EventSource};
-use crate::subject;
+use crate::domain::parse::{self, Defaults};
+use crate::domain::{EventCategory, EventSource, FieldError, Fields, MAX_ID_CHARS};
+use crate::wire::{Outgoing, codec, subjects};
 
 /// Most events in one frontend batch (BR-FE-003).
 pub const MAX_FRONTEND_BATCH: usize = 100;
@@ -139,7 +139,7 @@ fn frontend_message(
     };
     let mut errors = Vec::new();
     let mut fields = Fields { body: map, errors: &mut errors };
-    let category = fields.string("category", ingest::MAX_ID_CHARS).unwrap_or_else(|| DEFAULT_CATEGORY.to_owned());
+    let category = fields.string("category", MAX_ID_CHARS).unwrap_or_else(|| DEFAULT_CATEGORY.to_owned());
     let page_url = fields.string("page_url", 4096);
     let mut metadata = Map::new();
     for (key, value) in client_info {
@@ -184,7 +184,7 @@ fn frontend_message(
         "timestamp": map.get("timestamp"),
     });
     let defaults = Defaults { event_source: EventSource::Frontend, ..Defaults::http(now) };
-    let event = ingest::parse_event(request, &defaults);
+    let event = parse::parse_event(request, &defaults);
     let event = match event {
         Ok(event) if errors.is_empty() => event,
         Ok(_) => return Err(errors),
@@ -193,15 +193,15 @@ fn frontend_message(
             return Err(errors);
         }
     };
-    let payload = serde_json::to_vec(&event).map_err(|error| vec![FieldError::new("", error.to_string())])?;
-    if payload.len() > state.max_event_bytes {
+    let subject = subjects::event_subject("frontend", &category, &event.event_type);
+    let message = codec::encode_on(subject, &event).map_err(|error| vec![FieldError::new("", error.to_string())])?;
+    if message.payload.len() > state.max_event_bytes {
         return Err(vec![FieldError::new(
             "",
-            format!("the event is {} bytes; the limit is {}", payload.len(), state.max_event_bytes),
+            format!("the event is {} bytes; the limit is {}", message.payload.len(), state.max_event_bytes),
         )]);
     }
-    let subject = subject::event_subject("frontend", &category, &event.event_type);
-    Ok((Outgoing::event(subject, event.event_id, Bytes::from(payload)), event.event_id))
+    Ok((message, event.event_id))
 }
 
 fn as_text(value: &Value) -> String {

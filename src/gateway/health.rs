@@ -1,4 +1,5 @@
 //! `GET /health`: "healthy" while the process serves, with the state of each dependency.
+//! Reads the NATS connection state and asks PostgreSQL `SELECT 1`; writes nothing.
 
 use std::time::{Duration, Instant};
 

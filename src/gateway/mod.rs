@@ -2,7 +2,9 @@
 //! PostgreSQL. One `router()` assembles the routes; management routes sit behind the API-key
 //! check, `/health`, the frontend endpoints and the RudderStack webhook are public.
 //!
-//! Reads HTTP, PostgreSQL and this gateway's stored-notification subject; writes `events.>`.
+//! Reads HTTP, PostgreSQL and this gateway's stored-notification subject; writes `events.>`,
+//! replay jobs, and the registries' change notifications. Every response carries an
+//! `x-request-id` (the caller's, or a new one), and every log line of a request has it.
 
 mod auth;
 mod error;
@@ -22,19 +24,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::routing::{get, post, put};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 pub use auth::ApiKeys;
 pub use error::ApiError;
 pub use frontend::MAX_FRONTEND_BATCH;
 pub use rudderstack::signature_matches;
 
-use crate::bus::{Bus, BusError};
-use crate::settings::GatewayArgs;
+use crate::domain::Secret;
+use crate::infra::bus::{Bus, BusError};
+use crate::infra::settings::GatewayArgs;
 use waiters::StoredWaiters;
 
 /// Shared by every handler.
@@ -44,7 +48,7 @@ pub struct AppState {
     pool: PgPool,
     waiters: Arc<StoredWaiters>,
     api_keys: ApiKeys,
-    rudderstack_secret: Option<String>,
+    rudderstack_secret: Option<Secret>,
     store_timeout: Duration,
     max_batch_events: usize,
     max_event_bytes: usize,
@@ -145,8 +149,16 @@ pub fn router(state: AppState, settings: &GatewayArgs) -> Router {
         .merge(public)
         .fallback(|| async { ApiError::NotFound("Endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// The span every log line of a request is in: method, path and request id.
+fn request_span(request: &Request) -> tracing::Span {
+    let request_id = request.headers().get("x-request-id").and_then(|value| value.to_str().ok()).unwrap_or("");
+    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
 }
 
 /// "1 event", "3 events": for answer messages.

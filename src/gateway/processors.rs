@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::error::ApiError;
 use super::extract::JsonBody;
-use crate::callback::Guard;
-use crate::processors::{self, Processor, RegisterError};
+use crate::infra::callback::Guard;
+use crate::registry;
+use crate::registry::processors::{self, Processor, Processors, RegisterError};
 
 pub async fn register(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<Processor>, ApiError> {
     // Whether a URL is reachable is decided at delivery, with the worker's settings; here only
@@ -24,7 +25,7 @@ pub async fn register(State(state): State<AppState>, JsonBody(body): JsonBody) -
         },
         RegisterError::Database(error) => ApiError::Database(error),
     })?;
-    processors::announce_change(&state.bus).await;
+    registry::announce_change::<Processors>(&state.bus).await;
     Ok(Json(processor))
 }
 
@@ -62,7 +63,7 @@ pub async fn toggle(
     if !processors::set_enabled(&state.pool, &processor_id, enabled).await? {
         return Err(ApiError::NotFound("Processor"));
     }
-    processors::announce_change(&state.bus).await;
+    registry::announce_change::<Processors>(&state.bus).await;
     Ok(Json(Toggled { status: "updated", processor_id, enabled }))
 }
 
@@ -79,6 +80,6 @@ pub async fn delete(
     if !processors::delete(&state.pool, &processor_id).await? {
         return Err(ApiError::NotFound("Processor"));
     }
-    processors::announce_change(&state.bus).await;
+    registry::announce_change::<Processors>(&state.bus).await;
     Ok(Json(Deleted { status: "deleted", processor_id }))
 }

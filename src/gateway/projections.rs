@@ -14,9 +14,13 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::error::ApiError;
 use super::extract::JsonBody;
-use crate::ingest;
-use crate::projections::{self, AsOf, DEFAULT_NAME, Definition, Read};
-use crate::store::StoredEvent;
+use crate::domain::StreamId;
+use crate::domain::parse::parse_timestamp;
+use crate::registry;
+use crate::registry::definitions::{self, DEFAULT_NAME, Definition, Definitions};
+use crate::stages::projector::read::{self, AsOf, Read};
+use crate::store::events::{self, StoredEvent};
+use crate::store::projections;
 
 #[derive(Deserialize)]
 pub struct StreamParams {
@@ -41,9 +45,10 @@ pub async fn stream(
     Path(stream_id): Path<String>,
     Query(params): Query<StreamParams>,
 ) -> Result<Json<StreamView>, ApiError> {
-    let Some((entity_type, entity_id)) =
-        projections::split_stream_id(&stream_id).filter(|_| ingest::valid_stream_id(&stream_id))
-    else {
+    let Some(stream) = StreamId::parse(&stream_id) else {
+        return Err(ApiError::field("stream_id", "must be {entity_type}:{entity_id}"));
+    };
+    let Some((entity_type, entity_id)) = stream.parts() else {
         return Err(ApiError::field("stream_id", "must be {entity_type}:{entity_id}"));
     };
     let from_version = params.from_version.unwrap_or(1);
@@ -54,23 +59,10 @@ pub async fn stream(
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError::field("limit", "must be an integer from 1 to 10000"));
     }
-    let row: Option<(String, i64, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT stream_type, version, created_at, updated_at FROM event.event_streams WHERE stream_id = $1",
-    )
-    .bind(&stream_id)
-    .fetch_optional(&state.pool)
-    .await?;
-    let events: Vec<StoredEvent> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {} FROM event.events WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version LIMIT $3",
-        crate::store::EVENT_COLUMNS
-    )))
-    .bind(&stream_id)
-    .bind(from_version)
-    .bind(limit)
-    .fetch_all(&state.pool)
-    .await?;
-    let (stream_type, version, created_at, updated_at) = match row {
-        Some((stream_type, version, created, updated)) => (stream_type, version, Some(created), Some(updated)),
+    let head = events::stream_head(&state.pool, &stream).await?;
+    let events = events::stream_events(&state.pool, &stream, from_version, limit).await?;
+    let (stream_type, version, created_at, updated_at) = match head {
+        Some(head) => (head.stream_type, head.version, Some(head.created_at), Some(head.updated_at)),
         None => (entity_type.to_owned(), 0, None, None),
     };
     Ok(Json(StreamView {
@@ -94,7 +86,7 @@ pub struct ProjectionParams {
 
 async fn find_definition(state: &AppState, name: Option<&str>) -> Result<Definition, ApiError> {
     let name = name.unwrap_or(DEFAULT_NAME);
-    projections::definition(&state.pool, name).await?.ok_or(ApiError::NotFound("Projection definition"))
+    definitions::get(&state.pool, name).await?.ok_or(ApiError::NotFound("Projection definition"))
 }
 
 pub async fn projection(
@@ -108,7 +100,7 @@ pub async fn projection(
             Ok(version) if version >= 1 => AsOf::Version(version),
             _ => return Err(ApiError::field("as_of_version", "must be an integer ≥ 1")),
         },
-        (None, Some(time)) => match ingest::parse_timestamp(time) {
+        (None, Some(time)) => match parse_timestamp(time) {
             Some(time) => AsOf::Time(time),
             None => return Err(ApiError::field("as_of", "must be an ISO 8601 / RFC 3339 timestamp")),
         },
@@ -118,7 +110,7 @@ pub async fn projection(
     if !definition.covers(&entity_type) {
         return Err(ApiError::NotFound("Projection"));
     }
-    projections::read(&state.pool, &definition, &entity_type, &entity_id, as_of)
+    read::read(&state.pool, &definition, &entity_type, &entity_id, as_of)
         .await?
         .map(Json)
         .ok_or(ApiError::NotFound("Projection"))
@@ -137,25 +129,16 @@ pub async fn rebuild(
 ) -> Result<Json<Value>, ApiError> {
     let definitions: Vec<Definition> = match params.name.as_deref() {
         Some(name) => vec![find_definition(&state, Some(name)).await?],
-        None => projections::definitions(&state.pool).await?,
+        None => definitions::list(&state.pool).await?,
     };
     let definitions: Vec<Definition> = definitions.into_iter().filter(|d| d.covers(&entity_type)).collect();
     let names: Vec<&str> = definitions.iter().map(|d| d.name.as_str()).collect();
-    sqlx::query(
-        "WITH gone AS (DELETE FROM event.projection_snapshots \
-                       WHERE entity_type = $1 AND entity_id = $2 AND projection_name = ANY($3)) \
-         DELETE FROM event.event_projections WHERE entity_type = $1 AND entity_id = $2 AND projection_name = ANY($3)",
-    )
-    .bind(&entity_type)
-    .bind(&entity_id)
-    .bind(&names)
-    .execute(&state.pool)
-    .await?;
-    let stream_id = format!("{entity_type}:{entity_id}");
-    projections::fold_stream(&state.pool, &stream_id, &definitions, state.snapshot_every).await?;
+    projections::delete_entity(&state.pool, &entity_type, &entity_id, &names).await?;
+    let stream_id = StreamId::of(&entity_type, &entity_id);
+    read::fold_stream(&state.pool, &stream_id, &definitions, state.snapshot_every).await?;
     let mut rebuilt = Vec::new();
     for definition in &definitions {
-        if let Some(read) = projections::read(&state.pool, definition, &entity_type, &entity_id, AsOf::Now).await? {
+        if let Some(read) = read::read(&state.pool, definition, &entity_type, &entity_id, AsOf::Now).await? {
             rebuilt.push(read);
         }
     }
@@ -166,15 +149,17 @@ pub async fn create_definition(
     State(state): State<AppState>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Definition>, ApiError> {
-    let new = projections::parse_definition(&body).map_err(ApiError::Validation)?;
-    projections::create_definition(&state.pool, &new).await?.map(Json).ok_or_else(|| ApiError::Conflict {
+    let new = definitions::parse_definition(&body).map_err(ApiError::Validation)?;
+    let created = definitions::create(&state.pool, &new).await?.ok_or_else(|| ApiError::Conflict {
         code: "duplicate_projection_name",
         detail: format!("A projection definition named {} already exists", new.name),
-    })
+    })?;
+    registry::announce_change::<Definitions>(&state.bus).await;
+    Ok(Json(created))
 }
 
 pub async fn definitions(State(state): State<AppState>) -> Result<Json<Vec<Definition>>, ApiError> {
-    Ok(Json(projections::definitions(&state.pool).await?))
+    Ok(Json(definitions::list(&state.pool).await?))
 }
 
 /// Drops a definition's projections; the projector folds the history again.

@@ -1,7 +1,7 @@
 //! The replay endpoints: start (or preview) a replay, and follow a replay job.
 //!
 //! Reads `event.events` to count and preview the selection; writes the job row and the job
-//! message on `jobs.replay` (see [`crate::replay`]).
+//! message on `jobs.replay` (see [`crate::stages::replayer`]).
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -11,7 +11,8 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::JsonBody;
-use crate::replay::{self, Job};
+use crate::stages::replayer::{self, SubmitError};
+use crate::store::replay_jobs::{self, Job};
 
 #[derive(Serialize)]
 pub struct Started {
@@ -30,18 +31,18 @@ pub struct Started {
 }
 
 pub async fn start(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<Started>, ApiError> {
-    let request = replay::parse_request(&body).map_err(ApiError::Validation)?;
+    let request = replayer::parse_request(&body).map_err(ApiError::Validation)?;
     if let Some(names) = &request.processors {
-        let unknown = replay::unknown_processors(&state.pool, names).await?;
+        let unknown = replay_jobs::unknown_processors(&state.pool, names).await?;
         if !unknown.is_empty() {
             return Err(ApiError::field("processors", format!("names unknown processors: {}", unknown.join(", "))));
         }
     }
-    let (events_count, until_seq) = replay::measure(&state.pool, &request.selector).await?;
+    let (events_count, until_seq) = replay_jobs::measure(&state.pool, &request.selector).await?;
     if request.dry_run {
-        let event_ids = replay::preview(&state.pool, &request.selector, request.limit, request.offset).await?;
+        let event_ids = replay_jobs::preview(&state.pool, &request.selector, request.limit, request.offset).await?;
         let replay_id = Uuid::now_v7();
-        replay::announce_started(&state.bus, replay_id, &request, events_count).await;
+        replayer::announce_started(&state.bus, replay_id, &request, events_count).await;
         return Ok(Json(Started {
             status: "replay_started",
             replay_id,
@@ -56,10 +57,10 @@ pub async fn start(State(state): State<AppState>, JsonBody(body): JsonBody) -> R
             offset: Some(request.offset),
         }));
     }
-    let replay_id = replay::start(&state.pool, &state.bus, &request, events_count, until_seq).await.map_err(
+    let replay_id = replayer::submit(&state.pool, &state.bus, &request, events_count, until_seq).await.map_err(
         |error| match error {
-            replay::ReplayError::Database(error) => ApiError::Database(error),
-            replay::ReplayError::Bus(error) => ApiError::Bus(error),
+            SubmitError::Database(error) => ApiError::Database(error),
+            SubmitError::Bus(error) => ApiError::Bus(error),
         },
     )?;
     Ok(Json(Started {
@@ -87,7 +88,7 @@ pub struct JobView {
 
 pub async fn status(State(state): State<AppState>, Path(replay_id): Path<String>) -> Result<Json<JobView>, ApiError> {
     let replay_id = Uuid::parse_str(&replay_id).map_err(|_| ApiError::NotFound("Replay"))?;
-    let job = replay::get_job(&state.pool, replay_id).await?.ok_or(ApiError::NotFound("Replay"))?;
+    let job = replay_jobs::get(&state.pool, replay_id).await?.ok_or(ApiError::NotFound("Replay"))?;
     let progress = job.progress();
     Ok(Json(JobView { job, dry_run: false, progress }))
 }

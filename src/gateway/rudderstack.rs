@@ -1,6 +1,6 @@
 //! `POST /webhooks/rudderstack`: RudderStack's webhook destination.
 //!
-//! Checks `X-Signature` when a secret is configured (hex HMAC-SHA256 of the raw body,
+//! Reads HTTP; writes `events.>`. Checks `X-Signature` when a secret is configured (hex HMAC-SHA256 of the raw body,
 //! optionally `sha256=`-prefixed, or the secret itself, since RudderStack's webhook
 //! destination can only send static headers), maps each RudderStack event to an event,
 //! publishes them and answers on PubAck. The `messageId` becomes the event id, so RudderStack's
@@ -20,8 +20,8 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{RawBody, parse_json};
-use crate::ingest::{self, Defaults, FieldError};
-use crate::model::{EventCategory, EventSource, event_id_from_key};
+use crate::domain::parse::{self, Defaults};
+use crate::domain::{EventCategory, EventSource, FieldError, event_id_from_key};
 
 #[derive(Serialize)]
 pub struct Accepted {
@@ -37,7 +37,7 @@ pub async fn webhook(
 ) -> Result<Json<Accepted>, ApiError> {
     if let Some(secret) = &state.rudderstack_secret {
         let signature = headers.get("x-signature").and_then(|value| value.to_str().ok()).unwrap_or("");
-        if !signature_matches(secret, signature, &body) {
+        if !signature_matches(secret.expose(), signature, &body) {
             return Err(ApiError::BadSignature);
         }
     }
@@ -55,7 +55,7 @@ pub async fn webhook(
         let prefix = format!("[{index}]");
         let event = map_event(item).and_then(|request| {
             let defaults = Defaults { event_source: EventSource::Frontend, ..Defaults::http(now) };
-            ingest::parse_event(request, &defaults)
+            parse::parse_event(request, &defaults)
         });
         match event.and_then(|event| {
             state.event_message(&event).map(|message| (message, event.event_id)).map_err(|error| match error {
@@ -133,7 +133,7 @@ fn map_event(item: &Value) -> Result<Value, Vec<FieldError>> {
     let session_id = context.get("sessionId").and_then(as_id);
     let event_id = text("messageId").map(|message_id| event_id_from_key("rudderstack", &message_id));
     let timestamp = ["timestamp", "originalTimestamp", "sentAt"].iter().find_map(|name| {
-        event.get(*name).and_then(Value::as_str).filter(|text| ingest::parse_timestamp(text).is_some())
+        event.get(*name).and_then(Value::as_str).filter(|text| parse::parse_timestamp(text).is_some())
     });
     Ok(json!({
         "event_id": event_id,

@@ -8,18 +8,20 @@
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::JsonBody;
-use crate::callback::Guard;
-use crate::dispatcher;
-use crate::ingest::{FieldError, Fields};
-use crate::store;
-use crate::subject;
-use crate::subscriptions::{self, Attempt, DeliveryStats, StoreError, Subscription};
+use crate::domain::{FieldError, Fields};
+use crate::infra::callback::Guard;
+use crate::registry;
+use crate::registry::subscriptions::{self, StoreError, Subscription, Subscriptions};
+use crate::stages::dispatcher::{self, RequeueError};
+use crate::store::deliveries::{self, Attempt, DeliveryStats};
+use crate::store::events;
+use crate::wire::domain_events::{DomainEvent, SubscriptionCreated};
 
 /// A subscription with its delivery counts, secret masked.
 #[derive(Serialize)]
@@ -38,22 +40,22 @@ pub async fn create(State(state): State<AppState>, JsonBody(body): JsonBody) -> 
         },
         StoreError::Database(error) => ApiError::Database(error),
     })?;
-    subscriptions::announce_change(&state.bus).await;
-    let mut announced = Map::new();
-    announced.insert("subscription_id".into(), json!(subscription.subscription_id));
-    announced.insert("subscriber_name".into(), json!(subscription.subscriber_name));
-    announced.insert("event_types".into(), json!(subscription.event_types));
-    announced.insert("event_sources".into(), json!(subscription.event_sources));
-    announced.insert("event_categories".into(), json!(subscription.event_categories));
-    announced.insert("enabled".into(), json!(subscription.enabled));
-    announced.insert("timestamp".into(), json!(subscription.created_at));
-    let message_id = format!("subscription.created.{}", subscription.subscription_id);
-    subscriptions::announce(&state.bus, subject::EVENT_SUBSCRIPTION_CREATED, message_id, announced).await;
+    registry::announce_change::<Subscriptions>(&state.bus).await;
+    let created = SubscriptionCreated {
+        subscription_id: &subscription.subscription_id,
+        subscriber_name: &subscription.subscriber_name,
+        event_types: &subscription.event_types,
+        event_sources: subscription.event_sources.as_deref(),
+        event_categories: subscription.event_categories.as_deref(),
+        enabled: subscription.enabled,
+        timestamp: subscription.created_at,
+    };
+    state.bus.announce(created.to_message().into_iter().collect()).await;
     // The one answer that shows the secret, with GET .../secret.
     let secret = subscription.webhook_secret.clone();
     let mut shown = serde_json::to_value(SubscriptionView { subscription, stats: DeliveryStats::default() })
-        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
-    shown["webhook_secret"] = json!(secret);
+        .map_err(|error| ApiError::Internal(error.into()))?;
+    shown["webhook_secret"] = json!(secret.expose());
     Ok(Json(shown))
 }
 
@@ -69,17 +71,13 @@ pub async fn list(
     State(state): State<AppState>,
     Query(params): Query<ListParams>,
 ) -> Result<Json<Vec<SubscriptionView>>, ApiError> {
-    let mut stats = subscriptions::stats(&state.pool).await?;
+    let mut stats = deliveries::stats(&state.pool).await?;
     let views = subscriptions::list(&state.pool)
         .await?
         .into_iter()
         .filter(|s| params.enabled.is_none_or(|enabled| s.enabled == enabled))
         .filter(|s| params.subscriber_name.as_deref().is_none_or(|name| s.subscriber_name == name))
-        .filter(|s| {
-            params.event_type.as_deref().is_none_or(|event_type| {
-                s.event_types.iter().any(|pattern| crate::processors::type_matches(pattern, event_type))
-            })
-        })
+        .filter(|s| params.event_type.as_deref().is_none_or(|event_type| s.takes_type(event_type)))
         .map(|subscription| {
             let stats = stats.remove(&subscription.subscription_id).unwrap_or_default();
             SubscriptionView { subscription, stats }
@@ -90,7 +88,7 @@ pub async fn list(
 
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<SubscriptionView>, ApiError> {
     let subscription = subscriptions::get(&state.pool, &id).await?.ok_or(ApiError::NotFound("Subscription"))?;
-    let stats = subscriptions::stats(&state.pool).await?.remove(&id).unwrap_or_default();
+    let stats = deliveries::stats(&state.pool).await?.remove(&id).unwrap_or_default();
     Ok(Json(SubscriptionView { subscription, stats }))
 }
 
@@ -101,7 +99,7 @@ pub async fn update(
 ) -> Result<Json<Subscription>, ApiError> {
     let changes = subscriptions::parse_changes(&body, &Guard::default(), false).map_err(ApiError::Validation)?;
     let updated = subscriptions::update(&state.pool, &id, changes).await?.ok_or(ApiError::NotFound("Subscription"))?;
-    subscriptions::announce_change(&state.bus).await;
+    registry::announce_change::<Subscriptions>(&state.bus).await;
     Ok(Json(updated))
 }
 
@@ -109,13 +107,13 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Re
     if !subscriptions::delete(&state.pool, &id).await? {
         return Err(ApiError::NotFound("Subscription"));
     }
-    subscriptions::announce_change(&state.bus).await;
+    registry::announce_change::<Subscriptions>(&state.bus).await;
     Ok(Json(json!({"status": "deleted", "subscription_id": id})))
 }
 
 pub async fn secret(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let subscription = subscriptions::get(&state.pool, &id).await?.ok_or(ApiError::NotFound("Subscription"))?;
-    Ok(Json(json!({"subscription_id": id, "webhook_secret": subscription.webhook_secret})))
+    Ok(Json(json!({"subscription_id": id, "webhook_secret": subscription.webhook_secret.expose()})))
 }
 
 #[derive(Deserialize)]
@@ -147,7 +145,7 @@ pub async fn deliveries(
         return Err(ApiError::field("offset", "must be an integer ≥ 0"));
     }
     subscriptions::get(&state.pool, &id).await?.ok_or(ApiError::NotFound("Subscription"))?;
-    let (deliveries, total) = subscriptions::attempts(&state.pool, &id, limit, offset).await?;
+    let (deliveries, total) = deliveries::attempts(&state.pool, &id, limit, offset).await?;
     let has_more = offset + (deliveries.len() as i64) < total;
     Ok(Json(Deliveries { deliveries, total, limit, offset, has_more }))
 }
@@ -158,8 +156,8 @@ pub async fn resend(
 ) -> Result<Json<Value>, ApiError> {
     subscriptions::get(&state.pool, &id).await?.ok_or(ApiError::NotFound("Subscription"))?;
     let event_id = Uuid::parse_str(&event_id).map_err(|_| ApiError::NotFound("Event"))?;
-    let event = store::get_event(&state.pool, event_id).await?.ok_or(ApiError::NotFound("Event"))?;
-    dispatcher::requeue(&state.bus, &state.pool, &id, &[event.to_event()]).await?;
+    let event = events::get_event(&state.pool, event_id).await?.ok_or(ApiError::NotFound("Event"))?;
+    dispatcher::requeue(&state.bus, &state.pool, &id, &[event.to_event()]).await.map_err(requeue_error)?;
     Ok(Json(json!({"status": "queued", "subscription_id": id, "event_id": event_id})))
 }
 
@@ -188,8 +186,16 @@ pub async fn recover(
         _ => return Err(ApiError::Validation(errors)),
     };
     subscriptions::get(&state.pool, &id).await?.ok_or(ApiError::NotFound("Subscription"))?;
-    let ids = subscriptions::failed_in_window(&state.pool, &id, since, until).await?;
-    let events: Vec<_> = store::events_by_ids(&state.pool, &ids).await?.iter().map(|e| e.to_event()).collect();
-    let queued = dispatcher::requeue(&state.bus, &state.pool, &id, &events).await?;
+    let ids = deliveries::failed_in_window(&state.pool, &id, since, until).await?;
+    let events: Vec<_> = events::events_by_ids(&state.pool, &ids).await?.iter().map(|e| e.to_event()).collect();
+    let queued = dispatcher::requeue(&state.bus, &state.pool, &id, &events).await.map_err(requeue_error)?;
     Ok(Json(json!({"status": "recovering", "subscription_id": id, "queued": queued})))
+}
+
+fn requeue_error(error: RequeueError) -> ApiError {
+    match error {
+        RequeueError::Database(error) => ApiError::Database(error),
+        RequeueError::Bus(error) => ApiError::Bus(error),
+        RequeueError::Encode(error) => ApiError::Internal(error.into()),
+    }
 }

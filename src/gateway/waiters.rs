@@ -14,8 +14,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::bus::{Bus, BusError};
-use crate::{store, subject};
+use crate::infra::bus::{Bus, BusError};
+use crate::store::events;
+use crate::wire::subjects;
 
 type Pending = HashMap<Uuid, Vec<mpsc::UnboundedSender<Uuid>>>;
 
@@ -28,7 +29,7 @@ pub struct StoredWaiters {
 impl StoredWaiters {
     /// Subscribes to this gateway's notification subject and starts routing notifications.
     pub async fn start(bus: &Bus, token: CancellationToken) -> Result<Arc<Self>, BusError> {
-        let subject = subject::stored_notify_subject(&Uuid::now_v7().simple().to_string());
+        let subject = subjects::stored_notify_subject(&Uuid::now_v7().simple().to_string());
         let mut subscription = bus.client().subscribe(subject.clone()).await?;
         let waiters = Arc::new(Self { subject, pending: Mutex::new(HashMap::new()) });
         let routed = Arc::clone(&waiters);
@@ -101,7 +102,7 @@ impl Waiting {
                 }
                 Ok(None) | Err(_) => {
                     let ids: Vec<Uuid> = self.remaining.iter().copied().collect();
-                    if let Ok(found) = store::stored_ids(pool, &ids).await {
+                    if let Ok(found) = events::stored_ids(pool, &ids).await {
                         self.remaining.retain(|id| !found.contains(id));
                     }
                     let now = tokio::time::Instant::now();

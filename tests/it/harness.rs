@@ -5,14 +5,15 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use event_service::bus::Bus;
+use event_service::domain::Secret;
 use event_service::gateway::Gateway;
-use event_service::local::{LocalNats, LocalPostgres};
-use event_service::persister::Persister;
-use event_service::service;
-use event_service::settings::{
+use event_service::infra::bus::Bus;
+use event_service::infra::local::{LocalNats, LocalPostgres};
+use event_service::infra::settings::{
     CallbackArgs, DatabaseArgs, DispatcherArgs, GatewayArgs, NatsArgs, PersisterArgs, ProcessorArgs,
 };
+use event_service::service;
+use event_service::stages::persister::Persister;
 use reqwest::StatusCode;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -20,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub fn init_logs() {
-    event_service::callback::install_crypto_provider();
+    event_service::infra::callback::install_crypto_provider();
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         if std::env::var_os("TEST_LOG").is_some() {
@@ -79,7 +80,7 @@ pub async fn fresh_database() -> String {
     let port = shared_postgres_port();
     let name = format!("t_{}", uuid::Uuid::now_v7().simple());
     let admin = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-    event_service::db::ensure_database(&admin, &name).await.expect("create database");
+    event_service::infra::db::ensure_database(&admin, &name).await.expect("create database");
     format!("postgres://postgres@127.0.0.1:{port}/{name}")
 }
 
@@ -143,15 +144,16 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         events_max_age_secs: 3600,
         ack_timeout_ms: 2000,
     };
-    let database_args = DatabaseArgs { database_url: Some(database_url.clone()), max_connections: 8 };
+    let database_secret = Secret::new(database_url.clone());
+    let database_args = DatabaseArgs { database_url: Some(database_secret.clone()), max_connections: 8 };
     let (bus, service_pool) =
-        service::connect_and_set_up(&nats_server.url, &nats_args, &database_url, &database_args, "test-service")
+        service::connect_and_set_up(&nats_server.url, &nats_args, &database_secret, &database_args, "test-service")
             .await
             .expect("set up");
     let gateway_args = GatewayArgs {
         http_addr: "127.0.0.1:0".parse().expect("addr"),
-        api_keys: options.api_keys.clone(),
-        rudderstack_secret: options.rudderstack_secret.clone(),
+        api_keys: options.api_keys.iter().map(|key| Secret::new(key.as_str())).collect(),
+        rudderstack_secret: options.rudderstack_secret.as_deref().map(Secret::from),
         max_batch_events: options.max_batch_events,
         max_body_bytes: 1024 * 1024,
         max_batch_body_bytes: 16 * 1024 * 1024,
@@ -214,7 +216,8 @@ impl TestApp {
             Persister::build(self.bus.clone(), self.service_pool.clone(), &PersisterArgs { batch_size: 500 })
                 .await
                 .expect("persister");
-        let handle = tokio::spawn(persister.run(token.clone()));
+        let run = persister.run(token.clone());
+        let handle = tokio::spawn(async move { Ok(run.await?) });
         self.persister = Some((token, handle));
     }
 
@@ -228,7 +231,7 @@ impl TestApp {
         let token = self.token.child_token();
         let (bus, pool, worker_token) = (self.bus.clone(), self.service_pool.clone(), token.clone());
         let handle = tokio::spawn(async move {
-            service::run_processing(bus, pool, &processor_args(), &callback_args(), worker_token).await
+            Ok(service::run_processing(bus, pool, &processor_args(), &callback_args(), worker_token).await?)
         });
         self.processors.push((token, handle));
         // The worker subscribes to registry changes as it starts.
@@ -240,7 +243,9 @@ impl TestApp {
         let token = self.token.child_token();
         let (bus, pool, worker_token) = (self.bus.clone(), self.service_pool.clone(), token.clone());
         let handle =
-            tokio::spawn(async move { service::run_dispatching(bus, pool, &settings, &callbacks, worker_token).await });
+            tokio::spawn(
+                async move { Ok(service::run_dispatching(bus, pool, &settings, &callbacks, worker_token).await?) },
+            );
         self.dispatchers.push((token, handle));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -251,8 +256,8 @@ impl TestApp {
         let token = self.token.child_token();
         let (bus, pool, worker_token) = (self.bus.clone(), self.service_pool.clone(), token.clone());
         let handle = tokio::spawn(async move {
-            let settings = event_service::settings::ProjectorArgs { snapshot_every: 10 };
-            service::run_projector(bus, pool, &settings, worker_token).await
+            let settings = event_service::infra::settings::ProjectorArgs { snapshot_every: 10 };
+            Ok(service::run_projector(bus, pool, &settings, worker_token).await?)
         });
         self.projectors.push((token, handle));
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use event_service::bus::{self, Bus, Outgoing};
+use event_service::infra::bus::Bus;
+use event_service::wire::{Outgoing, headers};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -110,7 +111,7 @@ async fn what_cannot_be_stored_is_dead_lettered_and_the_rest_flows_on() {
         .iter()
         .map(|letter| {
             let header = |name: &str| letter.headers.get(name).map(|v| v.as_str().to_owned()).unwrap_or_default();
-            (header(bus::REASON_CODE_HEADER), header(bus::ORIGINAL_SUBJECT_HEADER), header(bus::STAGE_HEADER))
+            (header(headers::REASON_CODE), header(headers::ORIGINAL_SUBJECT), header(headers::STAGE))
         })
         .collect();
     assert_eq!(
@@ -122,7 +123,7 @@ async fn what_cannot_be_stored_is_dead_lettered_and_the_rest_flows_on() {
         ]
     );
     assert_eq!(letters[0].payload.as_ref(), b"{not json", "the original payload is kept");
-    assert!(letters[1].headers.get(bus::REASON_HEADER).unwrap().as_str().contains("event_type"));
+    assert!(letters[1].headers.get(headers::REASON).unwrap().as_str().contains("event_type"));
     assert_eq!(letters[0].subject.as_str(), "deadletter.persister");
     assert_eq!(app.count_events().await, 1);
     // Poison does not loop: it was terminated, not redelivered.

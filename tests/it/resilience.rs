@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use event_service::local::LocalPostgres;
+use event_service::infra::local::LocalPostgres;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -105,7 +105,7 @@ async fn persister_killed_mid_batch_is_replaced_without_waiting_for_redelivery()
 async fn events_accepted_while_postgres_is_down_are_stored_when_it_returns() {
     let dir = tempfile::Builder::new().prefix("evsvc-pg-own-").tempdir().unwrap();
     let mut postgres = LocalPostgres::start(dir.path(), 0, false).unwrap();
-    event_service::db::ensure_database(&postgres.url("postgres"), "events").await.unwrap();
+    event_service::infra::db::ensure_database(&postgres.url("postgres"), "events").await.unwrap();
     let app = spawn_app_with(Options {
         database_url: Some(postgres.url("events")),
         store_timeout_ms: 500,

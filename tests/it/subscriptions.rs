@@ -304,7 +304,7 @@ async fn rate_limits_hold_and_deleted_subscriptions_get_nothing_more() {
 async fn refused_addresses_are_recorded_not_retried() {
     let mut app = spawn_app().await;
     // This dispatcher may not call loopback.
-    let strict = event_service::settings::CallbackArgs { deny_private: true, allowed_nets: vec![] };
+    let strict = event_service::infra::settings::CallbackArgs { deny_private: true, allowed_nets: vec![] };
     app.start_dispatcher(dispatcher_args(), strict).await;
     let hooks = Receiver::start().await;
     let sub = subscribe(&app, json!({"event_types": ["secret.stuff"], "callback_url": hooks.url("inside")})).await;

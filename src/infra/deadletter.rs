@@ -1,0 +1,64 @@
+//! Dead-lettering: a copy of a message a stage cannot handle goes to `deadletter.{stage}`
+//! (stream DEADLETTER) with the reason in headers, so nothing is silently dropped.
+//!
+//! Writes DEADLETTER. Guarantees: returns `Ok` only once JetStream acknowledged the copy; the
+//! copy's `Nats-Msg-Id` is derived from the original's stream and position, so dead-lettering
+//! the same message twice stores it once.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::Message;
+use bytes::Bytes;
+
+use super::bus::{Bus, BusError};
+use crate::wire::{Outgoing, Rejection, headers, subjects};
+
+/// The message being dead-lettered, wherever it was read from.
+pub struct Original<'a> {
+    pub subject: &'a str,
+    pub headers: Option<&'a HeaderMap>,
+    pub payload: &'a Bytes,
+    pub stream: &'a str,
+    pub sequence: u64,
+}
+
+impl<'a> Original<'a> {
+    /// A message as a consumer delivered it.
+    pub fn of(message: &'a Message) -> Self {
+        let (stream, sequence) = match message.info() {
+            Ok(info) => (info.stream, info.stream_sequence),
+            Err(_) => ("", 0),
+        };
+        Self {
+            subject: message.subject.as_str(),
+            headers: message.headers.as_ref(),
+            payload: &message.payload,
+            stream,
+            sequence,
+        }
+    }
+}
+
+/// Copies a message to `deadletter.{stage}` with the reason in headers and waits for the
+/// PubAck.
+pub async fn publish(bus: &Bus, stage: &str, original: Original<'_>, rejection: &Rejection) -> Result<(), BusError> {
+    let mut copied = HeaderMap::new();
+    if let Some(headers_in) = original.headers {
+        for (name, values) in headers_in.iter() {
+            for value in values {
+                copied.append(name.clone(), value.clone());
+            }
+        }
+    }
+    let sequence = original.sequence;
+    copied.insert(async_nats::header::NATS_MESSAGE_ID, format!("{stage}.{}.{sequence}", original.stream).as_str());
+    copied.insert(headers::STAGE, stage);
+    copied.insert(headers::REASON_CODE, rejection.code);
+    copied.insert(headers::REASON, headers::safe_value(&rejection.detail).as_str());
+    copied.insert(headers::ORIGINAL_SUBJECT, original.subject);
+    copied.insert(headers::ORIGINAL_SEQUENCE, sequence.to_string().as_str());
+    tracing::warn!(stage, subject = %original.subject, stream_seq = sequence, reason = rejection.code,
+        detail = %rejection.detail, "dead-lettered");
+    let copy =
+        Outgoing { subject: subjects::deadletter_subject(stage), headers: copied, payload: original.payload.clone() };
+    bus.publish(copy).await.map(|_| ())
+}

@@ -1,0 +1,88 @@
+//! The JetStream topology declared in `jetstream/`: every stream and durable consumer, applied
+//! idempotently (create or update) at start-up by every binary and by `event-service setup`.
+//!
+//! Reads the JSON files built into the binary; writes stream and consumer configurations.
+//! Guarantees: replicas come from the settings (1 on a laptop, 3 on a cluster) and EVENTS keeps
+//! messages for the configured max age; nothing else differs from the files.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{consumer, stream};
+use serde::Deserialize;
+
+use super::bus::{Bus, BusError};
+use super::settings::NatsArgs;
+use crate::wire::subjects::streams;
+
+const STREAM_FILES: &[(&str, &str)] = &[
+    (streams::EVENTS, include_str!("../../jetstream/streams/EVENTS.json")),
+    (streams::EVENT_SERVICE, include_str!("../../jetstream/streams/EVENT_SERVICE.json")),
+    (streams::DEADLETTER, include_str!("../../jetstream/streams/DEADLETTER.json")),
+    (streams::JOBS, include_str!("../../jetstream/streams/JOBS.json")),
+    (streams::DELIVERIES, include_str!("../../jetstream/streams/DELIVERIES.json")),
+];
+
+/// Durable consumers, named after the stage that reads them.
+const CONSUMER_FILES: &[(&str, &str)] = &[
+    ("persister", include_str!("../../jetstream/consumers/persister.json")),
+    ("processor", include_str!("../../jetstream/consumers/processor.json")),
+    ("replayer", include_str!("../../jetstream/consumers/replayer.json")),
+    ("dispatcher", include_str!("../../jetstream/consumers/dispatcher.json")),
+    ("sender", include_str!("../../jetstream/consumers/sender.json")),
+    ("projector", include_str!("../../jetstream/consumers/projector.json")),
+];
+
+#[derive(Deserialize)]
+struct ConsumerFile {
+    stream: String,
+    config: consumer::pull::Config,
+}
+
+/// Creates or updates every stream and consumer declared in `jetstream/`.
+pub async fn apply(bus: &Bus, settings: &NatsArgs) -> Result<(), BusError> {
+    for (file, text) in STREAM_FILES {
+        let mut config: stream::Config =
+            serde_json::from_str(text).map_err(|source| BusError::TopologyFile { file, source })?;
+        config.num_replicas = settings.replicas;
+        if config.name == streams::EVENTS {
+            config.max_age = Duration::from_secs(settings.events_max_age_secs);
+        }
+        let name = config.name.clone();
+        bus.jetstream().create_or_update_stream(config).await.map_err(|source| BusError::Stream { name, source })?;
+    }
+    for (file, text) in CONSUMER_FILES {
+        let declared: ConsumerFile =
+            serde_json::from_str(text).map_err(|source| BusError::TopologyFile { file, source })?;
+        let mut config = declared.config;
+        config.num_replicas = settings.replicas;
+        let name = config.durable_name.clone().unwrap_or_default();
+        bus.jetstream()
+            .create_consumer_on_stream(config, &declared.stream)
+            .await
+            .map_err(|cause| BusError::Consumer { name: name.clone(), cause: cause.into() })?;
+        tracing::debug!(consumer = %name, stream = %declared.stream, "consumer applied");
+    }
+    tracing::info!("jetstream topology applied");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topology_files_parse() {
+        for (file, text) in STREAM_FILES {
+            let config: stream::Config = serde_json::from_str(text).unwrap();
+            assert_eq!(&config.name, file);
+            assert!(!config.subjects.is_empty());
+        }
+        let events: stream::Config = serde_json::from_str(STREAM_FILES[0].1).unwrap();
+        assert!(events.allow_atomic_publish, "batch create needs atomic publish");
+        assert_eq!(events.duplicate_window, Duration::from_secs(120));
+        for (file, text) in CONSUMER_FILES {
+            let declared: ConsumerFile = serde_json::from_str(text).unwrap();
+            assert_eq!(declared.config.durable_name.as_deref(), Some(*file));
+        }
+    }
+}

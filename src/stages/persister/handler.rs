@@ -1,0 +1,404 @@
+//! The persister's I/O shell: reads the position, fills gaps from the stream, writes the
+//! batch, announces what it stored. The decisions are [`super::plan`]'s.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::Message;
+use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::plan::{self, Plan};
+use super::{MAX_GAP_FILL, STAGE};
+use crate::infra::bus::{Bus, BusError};
+use crate::infra::consume::{Batch, BatchHandler, Handled, Outcome, Transient};
+use crate::infra::db;
+use crate::infra::deadletter::{self, Original};
+use crate::registry::processors::ProcessorRegistry;
+use crate::store::position::{self, Advance};
+use crate::store::write::{self, InsertOutcome, NewEvent};
+use crate::wire::domain_events::{DomainEvent, Stored};
+use crate::wire::subjects::{self, streams};
+use crate::wire::{Incoming, Rejection, codec, headers};
+
+pub(super) struct Handler {
+    pub pool: PgPool,
+    pub bus: Bus,
+    /// EVENTS itself, to fill gaps and to catch up when idle.
+    pub events: Stream,
+    pub processors: std::sync::Arc<ProcessorRegistry>,
+}
+
+/// One EVENTS message, from the consumer or read straight from the stream.
+struct Envelope<'a> {
+    /// Index in the batch; `None` for a message read to fill a gap.
+    position: Option<usize>,
+    subject: &'a str,
+    headers: Option<&'a HeaderMap>,
+    payload: &'a Bytes,
+    seq: u64,
+    published: DateTime<Utc>,
+    /// Delivered before (or handled before, after an outage): its announcement may be lost.
+    redelivered: bool,
+}
+
+impl<'a> Envelope<'a> {
+    fn of(position: usize, message: &'a Message, attempt: u32) -> Result<Self, Rejection> {
+        let info = message.info().map_err(|error| Rejection::new("no_metadata", error.to_string()))?;
+        Ok(Envelope {
+            position: Some(position),
+            subject: message.subject.as_str(),
+            headers: message.headers.as_ref(),
+            payload: &message.payload,
+            seq: info.stream_sequence,
+            published: info.published,
+            redelivered: info.delivered > 1 || attempt > 1,
+        })
+    }
+
+    fn decode(&self) -> Result<Incoming, Rejection> {
+        codec::decode_parts(self.subject, self.headers, self.payload, self.seq, self.published)
+    }
+
+    /// The gateway waiting for this event, if one is.
+    fn notify(&self) -> Option<&'a str> {
+        self.headers.and_then(|headers| headers.get(headers::NOTIFY)).map(|value| value.as_str())
+    }
+
+    fn original(&self) -> Original<'a> {
+        Original {
+            subject: self.subject,
+            headers: self.headers,
+            payload: self.payload,
+            stream: streams::EVENTS,
+            sequence: self.seq,
+        }
+    }
+}
+
+/// A message read straight from the stream, owning its parts.
+struct OwnedEnvelope {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    seq: u64,
+    published: DateTime<Utc>,
+}
+
+impl From<async_nats::jetstream::message::StreamMessage> for OwnedEnvelope {
+    fn from(message: async_nats::jetstream::message::StreamMessage) -> Self {
+        Self {
+            subject: message.subject.to_string(),
+            headers: message.headers,
+            payload: message.payload,
+            seq: message.sequence,
+            published: message.time,
+        }
+    }
+}
+
+impl<'a> From<&'a OwnedEnvelope> for Envelope<'a> {
+    fn from(owned: &'a OwnedEnvelope) -> Self {
+        Envelope {
+            position: None,
+            subject: &owned.subject,
+            headers: Some(&owned.headers),
+            payload: &owned.payload,
+            seq: owned.seq,
+            published: owned.published,
+            // Its own delivery was lost, so any announcement of it may have been too.
+            redelivered: true,
+        }
+    }
+}
+
+/// An event stored (now or before) to announce and report.
+struct Done<'a> {
+    position: Option<usize>,
+    incoming: Incoming,
+    redelivered: bool,
+    notify: Option<&'a str>,
+}
+
+/// An event to store: where it came from, what it is, the status it starts in.
+type ToStore<'e, 'a> = (&'e Envelope<'a>, Incoming, crate::domain::EventStatus);
+
+enum Attempt {
+    Finished(Vec<Outcome>),
+    /// The position moved under us: read it again.
+    Again,
+}
+
+fn database(what: &'static str) -> impl FnOnce(sqlx::Error) -> Transient {
+    move |error| Transient::new(what, error)
+}
+
+impl BatchHandler for Handler {
+    async fn handle(&self, batch: &Batch<'_>) -> Handled {
+        let mut outcomes = vec![Outcome::Ack; batch.messages.len()];
+        let mut envelopes = Vec::with_capacity(batch.messages.len());
+        for (position, message) in batch.messages.iter().enumerate() {
+            match Envelope::of(position, message, batch.attempt) {
+                Ok(envelope) => envelopes.push(envelope),
+                Err(rejection) => outcomes[position] = Outcome::Reject(rejection),
+            }
+        }
+        envelopes.sort_by_key(|envelope| envelope.seq);
+        loop {
+            if let Attempt::Finished(outcomes) = self.attempt(&envelopes, outcomes.clone(), 0).await? {
+                return Ok(outcomes);
+            }
+        }
+    }
+
+    /// A pull request of a stopped or crashed instance may have taken messages with it; the
+    /// consumer would hand them out again only after the ack wait. When nothing arrives but
+    /// EVENTS holds more than is stored, read the rest from the stream directly.
+    async fn idle(&self) {
+        let Ok(info) = self.events.get_info().await else { return };
+        let Ok(stored) = position::persisted_position(&self.pool, streams::EVENTS).await else { return };
+        let last = info.state.last_sequence;
+        if last > stored {
+            tracing::info!(stage = STAGE, position = stored, stream_last = last, "catching up from the stream");
+            if let Err(error) = self.attempt(&[], Vec::new(), last).await {
+                tracing::warn!(stage = STAGE, error = %error, "catch-up failed; trying again when idle");
+            }
+        }
+    }
+}
+
+impl Handler {
+    /// Stores the batch (and anything before it that is missing), or when `catch_up_to` is
+    /// beyond it, everything up to that sequence.
+    async fn attempt(
+        &self,
+        envelopes: &[Envelope<'_>],
+        mut outcomes: Vec<Outcome>,
+        catch_up_to: u64,
+    ) -> Result<Attempt, Transient> {
+        let stored_up_to = position::persisted_position(&self.pool, streams::EVENTS)
+            .await
+            .map_err(database("cannot read the persister position"))?;
+        let seqs: Vec<u64> = envelopes.iter().map(|envelope| envelope.seq).collect();
+        let Plan { stored, store, later, missing, advance_to } =
+            plan::plan(stored_up_to, &seqs, catch_up_to, MAX_GAP_FILL);
+        let mut done = Vec::new();
+        for index in stored {
+            answer_for(&envelopes[index], &mut outcomes, &mut done);
+        }
+        for index in later {
+            set(&mut outcomes, envelopes[index].position, Outcome::Retry { after: Duration::ZERO });
+        }
+        let Some(advance_to) = advance_to else {
+            self.finish(&done, &HashSet::new(), &mut outcomes).await;
+            return Ok(Attempt::Finished(outcomes));
+        };
+        let filled = self.read_missing(&missing).await?;
+        let filled: Vec<Envelope> = filled.iter().map(Envelope::from).collect();
+        let mut ordered: Vec<&Envelope> = store.iter().map(|&index| &envelopes[index]).chain(&filled).collect();
+        ordered.sort_by_key(|envelope| envelope.seq);
+        let to_store = self.decode_all(ordered, &mut outcomes).await?;
+        let advance = Advance { stream: streams::EVENTS, from: stored_up_to, to: advance_to };
+        let Some(new_ids) = self.write(&to_store, advance, &mut outcomes).await? else {
+            return Ok(Attempt::Again);
+        };
+        // The stages that wait for rows (processor, projector) go on now. Best effort: they
+        // also read the position themselves.
+        if let Err(error) = self.bus.notify(subjects::PERSISTED.to_owned(), Bytes::from(advance_to.to_string())).await {
+            tracing::debug!(stage = STAGE, error = %error, "cannot announce the position");
+        }
+        for (envelope, incoming, _) in to_store {
+            if envelope.position.is_some_and(|position| outcomes[position] != Outcome::Ack) {
+                continue;
+            }
+            let notify = envelope.notify();
+            done.push(Done { position: envelope.position, incoming, redelivered: envelope.redelivered, notify });
+        }
+        self.finish(&done, &new_ids, &mut outcomes).await;
+        Ok(Attempt::Finished(outcomes))
+    }
+
+    /// Reads the messages the consumer has not delivered; one removed meanwhile (retention,
+    /// a purge) has nothing to store.
+    async fn read_missing(&self, missing: &[u64]) -> Result<Vec<OwnedEnvelope>, Transient> {
+        if let Some(first) = missing.first() {
+            tracing::info!(stage = STAGE, from = first, count = missing.len(), "filling a gap from the stream");
+        }
+        let mut filled = Vec::with_capacity(missing.len());
+        for &sequence in missing {
+            match self.events.direct_get(sequence).await {
+                Ok(message) => filled.push(OwnedEnvelope::from(message)),
+                Err(error) if error.kind() == DirectGetErrorKind::NotFound => {}
+                Err(source) => {
+                    let error = BusError::Read { stream: streams::EVENTS.to_owned(), sequence, source };
+                    return Err(Transient::new("cannot read EVENTS to fill a gap", error));
+                }
+            }
+        }
+        Ok(filled)
+    }
+
+    /// Decodes what is to be stored, with the status each starts in. Poison from the batch is
+    /// rejected; poison read to fill a gap is dead-lettered now, before the position passes it.
+    async fn decode_all<'e, 'a>(
+        &self,
+        ordered: Vec<&'e Envelope<'a>>,
+        outcomes: &mut [Outcome],
+    ) -> Result<Vec<ToStore<'e, 'a>>, Transient> {
+        let processors = self.processors.snapshot();
+        let mut to_store = Vec::with_capacity(ordered.len());
+        for envelope in ordered {
+            match envelope.decode() {
+                Ok(incoming) => {
+                    let status = plan::initial_status(processors.takes(&incoming.event));
+                    to_store.push((envelope, incoming, status));
+                }
+                Err(rejection) => self.refuse(envelope, rejection, outcomes).await?,
+            }
+        }
+        Ok(to_store)
+    }
+
+    /// Rejects a message of the batch, or dead-letters one read from the stream.
+    async fn refuse(
+        &self,
+        envelope: &Envelope<'_>,
+        rejection: Rejection,
+        outcomes: &mut [Outcome],
+    ) -> Result<(), Transient> {
+        match envelope.position {
+            Some(position) => outcomes[position] = Outcome::Reject(rejection),
+            None => deadletter::publish(&self.bus, STAGE, envelope.original(), &rejection)
+                .await
+                .map_err(|error| Transient::new("cannot dead-letter a message read from the stream", error))?,
+        }
+        Ok(())
+    }
+
+    /// Writes the batch and moves the position; `None` when the position moved meanwhile.
+    async fn write(
+        &self,
+        to_store: &[ToStore<'_, '_>],
+        advance: Advance<'_>,
+        outcomes: &mut [Outcome],
+    ) -> Result<Option<HashSet<Uuid>>, Transient> {
+        let rows: Vec<NewEvent> =
+            to_store.iter().map(|(_, incoming, status)| NewEvent { incoming, status: *status }).collect();
+        match write::insert_batch(&self.pool, &rows, Some(advance)).await {
+            Ok(InsertOutcome::Stored(new_ids)) => Ok(Some(new_ids)),
+            Ok(InsertOutcome::Conflict) => Ok(None),
+            Err(error) if db::is_transient(&error) => Err(Transient::new("cannot store the batch", error)),
+            Err(error) => self.store_one_by_one(to_store, advance, outcomes, error).await,
+        }
+    }
+
+    /// A batch PostgreSQL refuses for its content: store the events one by one so that only
+    /// the offending ones are rejected, then move the position past all of them.
+    async fn store_one_by_one(
+        &self,
+        to_store: &[ToStore<'_, '_>],
+        advance: Advance<'_>,
+        outcomes: &mut [Outcome],
+        error: sqlx::Error,
+    ) -> Result<Option<HashSet<Uuid>>, Transient> {
+        tracing::warn!(stage = STAGE, error = %error, "batch refused; storing events one by one");
+        let mut new_ids = HashSet::new();
+        for (envelope, incoming, status) in to_store {
+            match write::insert_batch(&self.pool, &[NewEvent { incoming, status: *status }], None).await {
+                Ok(InsertOutcome::Stored(ids)) => new_ids.extend(ids),
+                Ok(InsertOutcome::Conflict) => return Ok(None),
+                Err(error) if db::is_transient(&error) => return Err(Transient::new("cannot store an event", error)),
+                Err(error) => {
+                    self.refuse(envelope, Rejection::new("store_refused", error.to_string()), outcomes).await?
+                }
+            }
+        }
+        match write::insert_batch(&self.pool, &[], Some(advance)).await {
+            Ok(InsertOutcome::Stored(_)) => Ok(Some(new_ids)),
+            Ok(InsertOutcome::Conflict) => Ok(None),
+            Err(error) => Err(Transient::new("cannot move the persister position", error)),
+        }
+    }
+
+    async fn finish(&self, done: &[Done<'_>], new_ids: &HashSet<Uuid>, outcomes: &mut [Outcome]) {
+        self.announce(done, new_ids, outcomes).await;
+        self.notify_gateways(done, outcomes).await;
+    }
+
+    /// Publishes `event.stored`. A failed announcement NAKs the message: its redelivery finds
+    /// the row and announces again.
+    async fn announce(&self, done: &[Done<'_>], new_ids: &HashSet<Uuid>, outcomes: &mut [Outcome]) {
+        let mut positions = Vec::new();
+        let mut messages = Vec::new();
+        for item in done {
+            let event = &item.incoming.event;
+            if !plan::announce(new_ids.contains(&event.event_id), item.redelivered) {
+                continue;
+            }
+            let stored = Stored {
+                event_id: event.event_id,
+                event_type: &event.event_type,
+                event_source: event.event_source,
+                event_category: event.event_category,
+                user_id: event.user_id.as_deref(),
+                stream_id: event.stream_id.as_ref(),
+                stream_seq: item.incoming.stream_seq,
+                timestamp: event.timestamp,
+            };
+            let Ok(message) = stored.to_message() else { continue };
+            positions.push(item.position);
+            messages.push(message);
+        }
+        for (position, result) in positions.into_iter().zip(self.bus.publish_all(messages).await) {
+            if let Err(error) = result {
+                tracing::warn!(stage = STAGE, error = %error, "cannot publish event.stored; will redeliver");
+                set(outcomes, position, Outcome::Retry { after: Duration::from_secs(1) });
+            }
+        }
+    }
+
+    /// Tells each waiting gateway which of its events are stored (read-your-writes). Best
+    /// effort: a gateway that misses it asks PostgreSQL itself.
+    async fn notify_gateways(&self, done: &[Done<'_>], outcomes: &[Outcome]) {
+        let mut by_subject: BTreeMap<&str, Vec<Uuid>> = BTreeMap::new();
+        for item in done {
+            if item.position.is_some_and(|position| outcomes[position] != Outcome::Ack) {
+                continue;
+            }
+            if let Some(notify) = item.notify {
+                by_subject.entry(notify).or_default().push(item.incoming.event.event_id);
+            }
+        }
+        for (notify, ids) in by_subject {
+            let Ok(payload) = serde_json::to_vec(&ids) else { continue };
+            if let Err(error) = self.bus.notify(notify.to_owned(), Bytes::from(payload)).await {
+                tracing::debug!(stage = STAGE, error = %error, "cannot notify gateway");
+            }
+        }
+    }
+}
+
+/// Answers for an already-stored redelivery: poison is rejected again (its first dead-letter
+/// may have failed), the rest is announced and reported again.
+fn answer_for<'a>(envelope: &Envelope<'a>, outcomes: &mut [Outcome], done: &mut Vec<Done<'a>>) {
+    match envelope.decode() {
+        Ok(incoming) => done.push(Done {
+            position: envelope.position,
+            incoming,
+            redelivered: envelope.redelivered,
+            notify: envelope.notify(),
+        }),
+        Err(rejection) => set(outcomes, envelope.position, Outcome::Reject(rejection)),
+    }
+}
+
+/// Sets the outcome of a message of the batch (a message read from the stream has none).
+fn set(outcomes: &mut [Outcome], position: Option<usize>, outcome: Outcome) {
+    if let Some(position) = position {
+        outcomes[position] = outcome;
+    }
+}

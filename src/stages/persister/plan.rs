@@ -1,0 +1,111 @@
+//! The persister's decisions, as pure functions of where the store is and what arrived.
+//!
+//! Reads nothing, writes nothing.
+
+use std::collections::HashSet;
+
+use crate::domain::EventStatus;
+
+/// What one attempt at a batch does, from the stored position and the batch's stream
+/// sequences (ascending).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Indices of messages at or below the position: stored already (redeliveries).
+    pub stored: Vec<usize>,
+    /// Indices of messages to store now.
+    pub store: Vec<usize>,
+    /// Indices of messages beyond what this attempt can store (a gap too long to fill at
+    /// once): handed back to come again at once.
+    pub later: Vec<usize>,
+    /// Sequences the consumer has not delivered (yet) that must be read from the stream and
+    /// stored first: a lost delivery comes back only after the ack wait.
+    pub missing: Vec<u64>,
+    /// Where the position moves; `None` when there is nothing new to store.
+    pub advance_to: Option<u64>,
+}
+
+/// Plans an attempt. `catch_up_to` asks for everything up to that sequence even when no
+/// message of the batch reaches it (the idle catch-up); `max_fill` bounds how many missing
+/// messages one attempt reads.
+pub fn plan(stored_up_to: u64, seqs: &[u64], catch_up_to: u64, max_fill: usize) -> Plan {
+    let (stored, fresh): (Vec<usize>, Vec<usize>) = (0..seqs.len()).partition(|&i| seqs[i] <= stored_up_to);
+    let last = fresh.last().map_or(catch_up_to, |&i| seqs[i].max(catch_up_to));
+    if last <= stored_up_to {
+        return Plan { stored, store: Vec::new(), later: Vec::new(), missing: Vec::new(), advance_to: None };
+    }
+    let have: HashSet<u64> = fresh.iter().map(|&i| seqs[i]).collect();
+    let missing: Vec<u64> = (stored_up_to + 1..=last).filter(|seq| !have.contains(seq)).take(max_fill).collect();
+    // A gap too long to fill at once: store up to where it is filled, the rest later.
+    let advance_to = match missing.last() {
+        Some(&checked) if missing.len() == max_fill => checked.min(last),
+        _ => last,
+    };
+    let (store, later) = fresh.into_iter().partition(|&i| seqs[i] <= advance_to);
+    Plan { stored, store, later, missing, advance_to: Some(advance_to) }
+}
+
+/// The status an event is stored with: `pending` for the processor stage when an enabled
+/// processor takes it, else `processed` at once (nothing to wait for).
+pub fn initial_status(taken_by_a_processor: bool) -> EventStatus {
+    if taken_by_a_processor { EventStatus::Pending } else { EventStatus::Processed }
+}
+
+/// Whether `event.stored` goes out for an event: when it was written now, and again when its
+/// message came back (the first announcement may have been lost in a crash; the repeat has
+/// the same message id, so subscribers of `event.stored` see it once).
+pub fn announce(written_now: bool, redelivered: bool) -> bool {
+    written_now || redelivered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_that_continues_the_position_is_stored_whole() {
+        let plan = plan(10, &[11, 12, 13], 0, 100);
+        assert_eq!(plan.store, [0, 1, 2]);
+        assert!(plan.stored.is_empty() && plan.later.is_empty() && plan.missing.is_empty());
+        assert_eq!(plan.advance_to, Some(13));
+    }
+
+    #[test]
+    fn redeliveries_are_answered_for_not_stored_again() {
+        let plan = plan(12, &[11, 12, 13], 0, 100);
+        assert_eq!((plan.stored, plan.store), (vec![0, 1], vec![2]));
+        let nothing_new = super::plan(20, &[11, 12], 0, 100);
+        assert_eq!(nothing_new.advance_to, None);
+        assert_eq!(nothing_new.stored, [0, 1]);
+    }
+
+    #[test]
+    fn gaps_before_and_inside_the_batch_are_read_first() {
+        let plan = plan(10, &[13, 15], 0, 100);
+        assert_eq!(plan.missing, [11, 12, 14]);
+        assert_eq!(plan.advance_to, Some(15));
+        assert_eq!(plan.store, [0, 1]);
+    }
+
+    #[test]
+    fn a_gap_too_long_is_filled_in_parts() {
+        let plan = plan(0, &[10, 20], 0, 3);
+        assert_eq!(plan.missing, [1, 2, 3]);
+        assert_eq!(plan.advance_to, Some(3));
+        assert_eq!((plan.store, plan.later), (vec![], vec![0, 1]));
+    }
+
+    #[test]
+    fn the_idle_catch_up_reads_what_nobody_delivered() {
+        let plan = plan(5, &[], 8, 100);
+        assert_eq!(plan.missing, [6, 7, 8]);
+        assert_eq!(plan.advance_to, Some(8));
+        assert_eq!(super::plan(8, &[], 8, 100).advance_to, None);
+    }
+
+    #[test]
+    fn status_and_announcements() {
+        assert_eq!(initial_status(true), EventStatus::Pending);
+        assert_eq!(initial_status(false), EventStatus::Processed);
+        assert!(announce(true, false) && announce(false, true) && !announce(false, false));
+    }
+}

@@ -1,0 +1,22 @@
+//! The stores in PostgreSQL: one module per kind of row, each a thin layer of SQL over the
+//! `event` schema (files in `migrations/`).
+//!
+//! - [`position`]: how far the persister has stored each JetStream stream.
+//! - [`write`]: the persister's batch write (events, stream versions, rollups, position).
+//! - [`rollups`]: the statistics counters every writer keeps current.
+//! - [`events`], [`query`], [`statistics`]: the read side of the API.
+//! - [`processing`]: processor results and status changes.
+//! - [`deliveries`]: the subscriptions' delivery log.
+//! - [`projections`]: projections, snapshots and the stream reads folds need.
+//! - [`replay_jobs`]: replay jobs and their pages.
+
+pub mod deliveries;
+pub mod events;
+pub mod position;
+pub mod processing;
+pub mod projections;
+pub mod query;
+pub mod replay_jobs;
+pub mod rollups;
+pub mod statistics;
+pub mod write;

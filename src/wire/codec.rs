@@ -1,0 +1,273 @@
+//! The EVENTS message codec: the one encode the gateway publishes with, and the one decode
+//! every stage (persister, processor, dispatcher, projector) reads EVENTS with.
+//!
+//! Reads message subjects, headers and payloads; writes nothing. Guarantees: the same message
+//! decodes to the same event in every stage and on every redelivery (a message without an id
+//! gets one from its `Nats-Msg-Id`, or from its stream position); what the gateway published
+//! decodes straight into its fields, anything else goes through
+//! [`crate::domain::parse::parse_event`] with the subject's source, category and type as
+//! defaults, so NATS-native producers may leave those out.
+
+use std::borrow::Cow;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::Message;
+use bytes::Bytes;
+use chrono::{DateTime, SubsecRound, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::message::Outgoing;
+use super::subjects;
+use crate::domain::event::{MAX_ID_CHARS, positional_event_id};
+use crate::domain::parse::{self, Defaults, MAX_EVENT_TYPE_CHARS};
+use crate::domain::{Event, EventCategory, EventSource, JsonObject, StreamId, event_id_from_key};
+
+/// An EVENTS message decoded: the event and where JetStream put it.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub event: Event,
+    pub stream_seq: u64,
+    pub subject: String,
+}
+
+/// Why a message was refused: a stable, low-cardinality `code` and a human `detail`. Carried
+/// in the dead-letter headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl Rejection {
+    pub fn new(code: &'static str, detail: impl Into<String>) -> Self {
+        Self { code, detail: detail.into() }
+    }
+}
+
+/// The EVENTS message of an event: `events.{source}.{category}.{type}`, `Nats-Msg-Id` = the
+/// event id, the event's JSON as the payload.
+pub fn encode(event: &Event) -> Result<Outgoing, serde_json::Error> {
+    let payload = serde_json::to_vec(event)?;
+    let subject =
+        subjects::event_subject(event.event_source.as_str(), event.event_category.as_str(), &event.event_type);
+    Ok(Outgoing::event(subject, event.event_id, Bytes::from(payload)))
+}
+
+/// [`encode`] with the subject chosen by the caller (the frontend endpoints keep the free-text
+/// category in the subject).
+pub fn encode_on(subject: String, event: &Event) -> Result<Outgoing, serde_json::Error> {
+    Ok(Outgoing::event(subject, event.event_id, Bytes::from(serde_json::to_vec(event)?)))
+}
+
+/// Decodes a message a stage pulled from its EVENTS consumer.
+pub fn decode(message: &Message) -> Result<Incoming, Rejection> {
+    let info = message.info().map_err(|error| Rejection::new("no_metadata", error.to_string()))?;
+    decode_parts(&message.subject, message.headers.as_ref(), &message.payload, info.stream_sequence, info.published)
+}
+
+/// Decodes an EVENTS message from its parts: subject, headers, payload, stream sequence and
+/// the time JetStream stored it.
+pub fn decode_parts(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+    seq: u64,
+    published: DateTime<Utc>,
+) -> Result<Incoming, Rejection> {
+    let incoming = |event| Incoming { event, stream_seq: seq, subject: subject.to_owned() };
+    // What the gateway published (most messages): straight into the event.
+    if let Some(event) = decode_canonical(payload) {
+        return Ok(incoming(event));
+    }
+    let value: Value = serde_json::from_slice(payload)
+        .map_err(|error| Rejection::new("invalid_json", format!("payload is not JSON: {error}")))?;
+    let (source, category, event_type) = subjects::parse_event_subject(subject)
+        .map(|(source, category, event_type)| {
+            (EventSource::parse(source), EventCategory::parse(category), Some(event_type))
+        })
+        .unwrap_or((None, None, None));
+    let msg_id = headers.and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID));
+    let event_id = match msg_id.map(|id| id.as_str()) {
+        Some(id) => Uuid::parse_str(id).unwrap_or_else(|_| event_id_from_key("nats-msg-id", id)),
+        None => positional_event_id(published, seq),
+    };
+    let defaults = Defaults {
+        now: published,
+        event_source: source.unwrap_or(EventSource::Backend),
+        event_category: category.unwrap_or(EventCategory::UserAction),
+        event_id: Some(event_id),
+        event_type,
+    };
+    let event = parse::parse_event(value, &defaults).map_err(|errors| {
+        let detail = errors
+            .iter()
+            .map(|error| {
+                if error.field.is_empty() {
+                    error.message.clone()
+                } else {
+                    format!("{}: {}", error.field, error.message)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        Rejection::new("validation_failed", detail)
+    })?;
+    Ok(incoming(event))
+}
+
+/// An [`Event`] exactly as the gateway publishes it, borrowed from the message: no other field,
+/// every field of its JSON type. Anything else goes the way of [`parse::parse_event`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Canonical<'a> {
+    event_id: Uuid,
+    #[serde(borrow)]
+    event_type: Cow<'a, str>,
+    event_source: EventSource,
+    event_category: EventCategory,
+    #[serde(borrow)]
+    user_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    session_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    organization_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    device_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    correlation_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    data: JsonObject,
+    #[serde(default)]
+    metadata: JsonObject,
+    #[serde(default)]
+    context: JsonObject,
+    #[serde(default)]
+    properties: JsonObject,
+    #[serde(borrow)]
+    stream_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    timestamp: Cow<'a, str>,
+    #[serde(borrow)]
+    created_at: Cow<'a, str>,
+}
+
+/// The event of a message in the gateway's own format, decoded straight into its fields
+/// instead of through a JSON tree. `None` when the message is in any other shape or breaks a
+/// rule: then [`parse::parse_event`] decides, with the field errors. Where both accept a
+/// message they build the same event.
+fn decode_canonical(payload: &[u8]) -> Option<Event> {
+    let canonical: Canonical = serde_json::from_slice(payload).ok()?;
+    let text_ok = |text: &str, max_chars: usize| text.chars().count() <= max_chars && !text.contains('\0');
+    let id = |value: Option<Cow<'_, str>>| match value {
+        Some(text) if !text_ok(&text, MAX_ID_CHARS) => Err(()),
+        other => Ok(other.map(Cow::into_owned)),
+    };
+    let event_type = canonical.event_type;
+    if !text_ok(&event_type, MAX_EVENT_TYPE_CHARS)
+        || event_type.trim().is_empty()
+        || event_type.chars().any(char::is_control)
+    {
+        return None;
+    }
+    let [data, metadata, context, properties] =
+        [canonical.data, canonical.metadata, canonical.context, canonical.properties];
+    if [&data, &metadata, &context, &properties].iter().any(|map| parse::object_contains_nul(map)) {
+        return None;
+    }
+    let user_id = id(canonical.user_id).ok()?;
+    let device_id = id(canonical.device_id).ok()?;
+    let stream_id = match canonical.stream_id {
+        Some(text) => Some(StreamId::parse(&text)?),
+        None => StreamId::implicit(user_id.as_deref(), device_id.as_deref()),
+    };
+    let time =
+        |text: &str| if text.contains('\0') { None } else { parse::parse_timestamp(text).map(|t| t.trunc_subsecs(6)) };
+    Some(Event {
+        event_id: canonical.event_id,
+        event_type: event_type.into_owned(),
+        event_source: canonical.event_source,
+        event_category: canonical.event_category,
+        user_id,
+        session_id: id(canonical.session_id).ok()?,
+        organization_id: id(canonical.organization_id).ok()?,
+        device_id,
+        correlation_id: id(canonical.correlation_id).ok()?,
+        data,
+        metadata,
+        context,
+        properties,
+        stream_id,
+        timestamp: time(&canonical.timestamp)?,
+        created_at: time(&canonical.created_at)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(value: Value) -> Event {
+        parse::parse_event(value, &Defaults::http(Utc::now())).unwrap()
+    }
+
+    #[test]
+    fn canonical_messages_decode_to_what_parse_event_builds() {
+        let requests = [
+            json!({"event_type": "order.placed", "user_id": "u1", "data": {"total": 5, "items": [1, "a"]}}),
+            json!({"event_type": "x", "stream_id": "order:1", "device_id": "d", "timestamp": "2025-12-30T10:00:00.1234567Z"}),
+            json!({"event_type": "é".repeat(255), "event_source": "frontend", "event_category": "page_view"}),
+        ];
+        for request in requests {
+            let event = parse(request);
+            let wire = serde_json::to_vec(&event).unwrap();
+            assert_eq!(decode_canonical(&wire), Some(event.clone()));
+            assert_eq!(decode_canonical(&wire).unwrap(), parse(serde_json::from_slice(&wire).unwrap()));
+        }
+    }
+
+    #[test]
+    fn anything_but_a_valid_canonical_message_is_left_to_parse_event() {
+        let event = parse(json!({"event_type": "a", "user_id": "u"}));
+        let canonical = serde_json::to_value(&event).unwrap();
+        let variant = |change: &dyn Fn(&mut Value)| {
+            let mut value = canonical.clone();
+            change(&mut value);
+            decode_canonical(&serde_json::to_vec(&value).unwrap())
+        };
+        // Another field, a wrong type, a broken rule: not canonical.
+        assert_eq!(variant(&|v| v["entity_type"] = json!("order")), None);
+        assert_eq!(variant(&|v| v["user_id"] = json!(12)), None);
+        assert_eq!(variant(&|v| v["data"] = json!({"deep": "a\u{0}"})), None);
+        assert_eq!(variant(&|v| v["event_type"] = json!(" ")), None);
+        assert_eq!(variant(&|v| v["user_id"] = json!("x".repeat(256))), None);
+        assert_eq!(variant(&|v| v["stream_id"] = json!("nocolon")), None);
+        assert_eq!(variant(&|v| v["data"] = Value::Null), None);
+        // No stream named: the implicit one, as parse_event does.
+        let implicit = variant(&|v| v["stream_id"] = Value::Null).unwrap();
+        assert_eq!(implicit.stream_id.as_ref().map(StreamId::as_str), Some("user:u"));
+        // A timestamp without an offset is UTC, as parse_event takes it.
+        let naive = variant(&|v| v["timestamp"] = json!("2025-12-30T10:00:00.5")).unwrap();
+        assert_eq!(naive.timestamp, parse::parse_timestamp("2025-12-30T10:00:00.5Z").unwrap());
+    }
+
+    #[test]
+    fn native_messages_take_what_the_subject_and_headers_say() {
+        let now = Utc::now();
+        let body = br#"{"user_id": "u1", "data": {"a": 1}}"#;
+        let decoded = decode_parts("events.iot_device.telemetry.temp.read", None, body, 9, now).unwrap();
+        assert_eq!(decoded.event.event_type, "temp.read");
+        assert_eq!(decoded.event.event_source, EventSource::IotDevice);
+        assert_eq!(decoded.event.event_id, positional_event_id(now, 9), "stable across redeliveries");
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, "order-17");
+        let keyed = decode_parts("events.backend.order.placed", Some(&headers), body, 10, now).unwrap();
+        assert_eq!(keyed.event.event_id, event_id_from_key("nats-msg-id", "order-17"));
+        let bad = decode_parts("events.backend.order.placed", None, b"{nope", 11, now).unwrap_err();
+        assert_eq!(bad.code, "invalid_json");
+        let invalid = decode_parts("other.subject", None, br#"{"data": 1}"#, 12, now).unwrap_err();
+        assert_eq!(invalid.code, "validation_failed");
+    }
+}

@@ -1,0 +1,33 @@
+//! The NATS message headers the service reads and writes, named once.
+//!
+//! Reads nothing, writes nothing. `Nats-Msg-Id` (JetStream's dedupe key) is
+//! `async_nats::header::NATS_MESSAGE_ID`; everything of our own starts with `Event-Service-`.
+
+/// On an EVENTS message: the core-NATS subject on which the persister reports it stored.
+pub const NOTIFY: &str = "Event-Service-Notify";
+
+/// On a dead-lettered message: a stable reason code, the human reason, the stage that refused
+/// it, and where the original was.
+pub const REASON_CODE: &str = "Event-Service-Reason-Code";
+pub const REASON: &str = "Event-Service-Reason";
+pub const STAGE: &str = "Event-Service-Stage";
+pub const ORIGINAL_SUBJECT: &str = "Event-Service-Original-Subject";
+pub const ORIGINAL_SEQUENCE: &str = "Event-Service-Original-Sequence";
+
+/// On a delivery (DELIVERIES) and on a processor's NATS request: which event.
+pub const EVENT_ID: &str = "Event-Service-Event-Id";
+/// On a delivery: for which subscription.
+pub const SUBSCRIPTION: &str = "Event-Service-Subscription";
+/// On a delivery: attempts already made when it was queued (a resend starts a new budget).
+pub const ATTEMPT_BASE: &str = "Event-Service-Attempt-Base";
+/// On a processor's NATS request: which processor asks.
+pub const PROCESSOR: &str = "Event-Service-Processor";
+
+/// On a processor's reply (NATS services convention): the service failed.
+pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+
+/// Header values cannot hold line breaks; keep them short too.
+pub fn safe_value(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { ' ' } else { c }).take(1024).collect()
+}
