@@ -7,12 +7,11 @@
 
 use std::ops::RangeInclusive;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::parse::parse_timestamp;
 use super::pattern::EventTypePattern;
 
 /// One problem with one field of a request.
@@ -43,6 +42,18 @@ impl FieldError {
 /// The body as an object, or the one error that says it is not.
 pub fn object_body(body: &Value) -> Result<&Map<String, Value>, Vec<FieldError>> {
     body.as_object().ok_or_else(|| vec![FieldError::new("body", "must be a JSON object")])
+}
+
+/// Parses a timestamp the way producers send them: RFC 3339, or ISO 8601 without an offset
+/// (taken as UTC, as Python's `datetime.isoformat()` writes it).
+pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    if let Ok(parsed) = DateTime::parse_from_rfc3339(text) {
+        return Some(parsed.with_timezone(&Utc));
+    }
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
+        .map(|naive| naive.and_utc())
 }
 
 /// Field readers over one request object that record errors as they go. A reader returns

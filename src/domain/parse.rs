@@ -6,11 +6,12 @@
 //! payload fields and no NUL characters anywhere (PostgreSQL cannot store them), so the
 //! persister never meets a row it cannot write because of its content.
 
-use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
 use super::event::{Event, JsonObject, MAX_ID_CHARS, StreamId, new_event_id};
+pub use super::fields::parse_timestamp;
 use super::fields::{FieldError, Fields};
 use super::kinds::{EventCategory, EventSource};
 
@@ -153,18 +154,6 @@ fn stream_id(fields: &mut Fields<'_>) -> Option<StreamId> {
         fields.fail("stream_id", "must look like {entity_type}:{entity_id}");
     }
     parsed
-}
-
-/// Parses a timestamp the way producers send them: RFC 3339, or ISO 8601 without an offset
-/// (taken as UTC, as Python's `datetime.isoformat()` writes it).
-pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
-    if let Ok(parsed) = DateTime::parse_from_rfc3339(text) {
-        return Some(parsed.with_timezone(&Utc));
-    }
-    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
-        .iter()
-        .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
-        .map(|naive| naive.and_utc())
 }
 
 /// True when any string or key in the value holds a NUL character.

@@ -134,6 +134,35 @@ fn frontend_message(
     client_info: &Map<String, Value>,
     now: DateTime<Utc>,
 ) -> Result<(Outgoing, Uuid), Vec<FieldError>> {
+    let (request, category, mut errors) = frontend_request(body, client, client_info)?;
+    let defaults = Defaults { event_source: EventSource::Frontend, ..Defaults::http(now) };
+    let event = match parse::parse_event(request, &defaults) {
+        Ok(event) if errors.is_empty() => event,
+        Ok(_) => return Err(errors),
+        Err(more) => {
+            errors.extend(more);
+            return Err(errors);
+        }
+    };
+    // The subject keeps the free-text category; the stored one is a known category.
+    let subject = subjects::event_subject("frontend", &category, &event.event_type);
+    let message = codec::encode_on(subject, &event).map_err(|error| vec![FieldError::new("", error.to_string())])?;
+    if message.payload.len() > state.max_event_bytes {
+        return Err(vec![FieldError::new(
+            "",
+            format!("the event is {} bytes; the limit is {}", message.payload.len(), state.max_event_bytes),
+        )]);
+    }
+    Ok((message, event.event_id))
+}
+
+/// A frontend event as a create request (source `frontend`, the client's details in
+/// metadata), its free-text category, and the errors of the fields only frontend events have.
+fn frontend_request(
+    body: &Value,
+    client: &ClientInfo,
+    client_info: &Map<String, Value>,
+) -> Result<(Value, String, Vec<FieldError>), Vec<FieldError>> {
     let Some(map) = body.as_object() else {
         return Err(vec![FieldError::new("", "must be a JSON object")]);
     };
@@ -141,24 +170,7 @@ fn frontend_message(
     let mut fields = Fields { body: map, errors: &mut errors };
     let category = fields.string("category", MAX_ID_CHARS).unwrap_or_else(|| DEFAULT_CATEGORY.to_owned());
     let page_url = fields.string("page_url", 4096);
-    let mut metadata = Map::new();
-    for (key, value) in client_info {
-        metadata.insert(key.clone(), Value::String(as_text(value)));
-    }
-    match map.get("metadata") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(given)) => {
-            for (key, value) in given {
-                match value {
-                    Value::String(_) => {
-                        metadata.insert(key.clone(), value.clone());
-                    }
-                    _ => fields.fail(&format!("metadata.{key}"), "must be a string"),
-                }
-            }
-        }
-        Some(_) => fields.fail("metadata", "must be an object of strings"),
-    }
+    let mut metadata = given_metadata(&mut fields, client_info);
     let stored_category = EventCategory::parse(&category);
     if stored_category.is_none() {
         metadata.insert("frontend_category".into(), Value::String(category.clone()));
@@ -183,25 +195,28 @@ fn frontend_message(
         "metadata": metadata,
         "timestamp": map.get("timestamp"),
     });
-    let defaults = Defaults { event_source: EventSource::Frontend, ..Defaults::http(now) };
-    let event = parse::parse_event(request, &defaults);
-    let event = match event {
-        Ok(event) if errors.is_empty() => event,
-        Ok(_) => return Err(errors),
-        Err(more) => {
-            errors.extend(more);
-            return Err(errors);
+    Ok((request, category, errors))
+}
+
+/// The batch's `client_info` (as text) and the event's own `metadata` (strings only).
+fn given_metadata(fields: &mut Fields<'_>, client_info: &Map<String, Value>) -> Map<String, Value> {
+    let mut metadata: Map<String, Value> =
+        client_info.iter().map(|(key, value)| (key.clone(), Value::String(as_text(value)))).collect();
+    match fields.body.get("metadata") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(given)) => {
+            for (key, value) in given {
+                match value {
+                    Value::String(_) => {
+                        metadata.insert(key.clone(), value.clone());
+                    }
+                    _ => fields.fail(&format!("metadata.{key}"), "must be a string"),
+                }
+            }
         }
-    };
-    let subject = subjects::event_subject("frontend", &category, &event.event_type);
-    let message = codec::encode_on(subject, &event).map_err(|error| vec![FieldError::new("", error.to_string())])?;
-    if message.payload.len() > state.max_event_bytes {
-        return Err(vec![FieldError::new(
-            "",
-            format!("the event is {} bytes; the limit is {}", message.payload.len(), state.max_event_bytes),
-        )]);
+        Some(_) => fields.fail("metadata", "must be an object of strings"),
     }
-    Ok((message, event.event_id))
+    metadata
 }
 
 fn as_text(value: &Value) -> String {

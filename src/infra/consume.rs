@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::StreamError;
 use async_nats::jetstream::consumer::pull::{MessagesErrorKind, Stream as MessageStream};
 use async_nats::jetstream::{AckKind, Message};
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -165,15 +166,7 @@ impl ConsumeLoop {
         let stage = self.stage;
         let mut connect_pauses = pauses();
         'connect: while !token.is_cancelled() {
-            let stream = self.consumer.stream().max_messages_per_batch(self.max_batch);
-            let stream = match self.group {
-                // A standby's pulls wait for the pin: short expiries let it notice a free pin soon.
-                Some(group) => {
-                    stream.group(group).expires(Duration::from_secs(2)).heartbeat(Duration::from_millis(500))
-                }
-                None => stream.heartbeat(Duration::from_secs(5)).expires(Duration::from_secs(30)),
-            };
-            let mut messages = match stream.messages().await {
+            let mut messages = match self.pull().await {
                 Ok(messages) => messages,
                 Err(error) => {
                     let pause = connect_pauses.next().unwrap_or(MAX_PAUSE);
@@ -227,6 +220,17 @@ impl ConsumeLoop {
             "consumer stopped"
         );
         Ok(())
+    }
+
+    /// Starts pulling: continuous pull requests of up to a batch each.
+    async fn pull(&self) -> Result<MessageStream, StreamError> {
+        let stream = self.consumer.stream().max_messages_per_batch(self.max_batch);
+        let stream = match self.group {
+            // A standby's pulls wait for the pin: short expiries let it notice a free pin soon.
+            Some(group) => stream.group(group).expires(Duration::from_secs(2)).heartbeat(Duration::from_millis(500)),
+            None => stream.heartbeat(Duration::from_secs(5)).expires(Duration::from_secs(30)),
+        };
+        stream.messages().await
     }
 
     /// Handles one batch to the end: again after each transient failure, kept alive all along,

@@ -20,3 +20,14 @@ pub mod replay_jobs;
 pub mod rollups;
 pub mod statistics;
 pub mod write;
+
+use crate::domain::EventStatus;
+use crate::wire::Incoming;
+
+/// An event to store, with the status it starts in: `pending`, or `processed` when no
+/// processor takes it (the persister decides). What [`write`] stores and [`rollups`] counts.
+#[derive(Debug, Clone, Copy)]
+pub struct NewEvent<'a> {
+    pub incoming: &'a Incoming,
+    pub status: EventStatus,
+}

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use chrono::{NaiveDate, Utc};
 use sqlx::{Postgres, Transaction};
 
-use super::write::NewEvent;
+use super::NewEvent;
 use crate::domain::EventStatus;
 
 /// Every transaction that moves rollup counts takes this lock before it touches a rollup row

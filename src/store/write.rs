@@ -11,18 +11,10 @@ use std::collections::{BTreeMap, HashSet};
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
+use super::NewEvent;
 use super::position::Advance;
 use super::rollups;
-use crate::domain::{EventStatus, StreamId};
-use crate::wire::Incoming;
-
-/// An event to store, with the status it starts in: `pending`, or `processed` when no
-/// processor takes it (the persister decides).
-#[derive(Debug, Clone, Copy)]
-pub struct NewEvent<'a> {
-    pub incoming: &'a Incoming,
-    pub status: EventStatus,
-}
+use crate::domain::StreamId;
 
 /// What [`insert_batch`] did.
 #[derive(Debug)]
@@ -252,7 +244,9 @@ async fn insert_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::EventStatus;
     use crate::domain::parse::{Defaults, parse_event};
+    use crate::wire::Incoming;
     use serde_json::json;
 
     fn incoming(stream: Option<&str>, seq: u64) -> Incoming {

@@ -4,26 +4,25 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::Message;
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::envelope::{Envelope, OwnedEnvelope};
 use super::plan::{self, Plan};
 use super::{MAX_GAP_FILL, STAGE};
 use crate::infra::bus::{Bus, BusError};
 use crate::infra::consume::{Batch, BatchHandler, Handled, Outcome, Transient};
 use crate::infra::db;
-use crate::infra::deadletter::{self, Original};
+use crate::infra::deadletter;
 use crate::registry::processors::ProcessorRegistry;
+use crate::store::NewEvent;
 use crate::store::position::{self, Advance};
-use crate::store::write::{self, InsertOutcome, NewEvent};
+use crate::store::write::{self, InsertOutcome};
 use crate::wire::domain_events::{DomainEvent, Stored};
 use crate::wire::subjects::{self, streams};
-use crate::wire::{Incoming, Rejection, codec, headers};
+use crate::wire::{Incoming, Rejection};
 
 pub(super) struct Handler {
     pub pool: PgPool,
@@ -31,89 +30,6 @@ pub(super) struct Handler {
     /// EVENTS itself, to fill gaps and to catch up when idle.
     pub events: Stream,
     pub processors: std::sync::Arc<ProcessorRegistry>,
-}
-
-/// One EVENTS message, from the consumer or read straight from the stream.
-struct Envelope<'a> {
-    /// Index in the batch; `None` for a message read to fill a gap.
-    position: Option<usize>,
-    subject: &'a str,
-    headers: Option<&'a HeaderMap>,
-    payload: &'a Bytes,
-    seq: u64,
-    published: DateTime<Utc>,
-    /// Delivered before (or handled before, after an outage): its announcement may be lost.
-    redelivered: bool,
-}
-
-impl<'a> Envelope<'a> {
-    fn of(position: usize, message: &'a Message, attempt: u32) -> Result<Self, Rejection> {
-        let info = message.info().map_err(|error| Rejection::new("no_metadata", error.to_string()))?;
-        Ok(Envelope {
-            position: Some(position),
-            subject: message.subject.as_str(),
-            headers: message.headers.as_ref(),
-            payload: &message.payload,
-            seq: info.stream_sequence,
-            published: info.published,
-            redelivered: info.delivered > 1 || attempt > 1,
-        })
-    }
-
-    fn decode(&self) -> Result<Incoming, Rejection> {
-        codec::decode_parts(self.subject, self.headers, self.payload, self.seq, self.published)
-    }
-
-    /// The gateway waiting for this event, if one is.
-    fn notify(&self) -> Option<&'a str> {
-        self.headers.and_then(|headers| headers.get(headers::NOTIFY)).map(|value| value.as_str())
-    }
-
-    fn original(&self) -> Original<'a> {
-        Original {
-            subject: self.subject,
-            headers: self.headers,
-            payload: self.payload,
-            stream: streams::EVENTS,
-            sequence: self.seq,
-        }
-    }
-}
-
-/// A message read straight from the stream, owning its parts.
-struct OwnedEnvelope {
-    subject: String,
-    headers: HeaderMap,
-    payload: Bytes,
-    seq: u64,
-    published: DateTime<Utc>,
-}
-
-impl From<async_nats::jetstream::message::StreamMessage> for OwnedEnvelope {
-    fn from(message: async_nats::jetstream::message::StreamMessage) -> Self {
-        Self {
-            subject: message.subject.to_string(),
-            headers: message.headers,
-            payload: message.payload,
-            seq: message.sequence,
-            published: message.time,
-        }
-    }
-}
-
-impl<'a> From<&'a OwnedEnvelope> for Envelope<'a> {
-    fn from(owned: &'a OwnedEnvelope) -> Self {
-        Envelope {
-            position: None,
-            subject: &owned.subject,
-            headers: Some(&owned.headers),
-            payload: &owned.payload,
-            seq: owned.seq,
-            published: owned.published,
-            // Its own delivery was lost, so any announcement of it may have been too.
-            redelivered: true,
-        }
-    }
 }
 
 /// An event stored (now or before) to announce and report.

@@ -23,6 +23,7 @@
 //! - While PostgreSQL is unreachable the consume loop holds the batch and hands it in again
 //!   (nothing new is pulled meanwhile, so nothing is lost and nothing is reordered).
 
+mod envelope;
 mod handler;
 pub mod plan;
 

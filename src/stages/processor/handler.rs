@@ -10,7 +10,7 @@ use futures::StreamExt;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::runner::Ran;
+use super::verdict::Ran;
 use super::verdict::{self, Earlier};
 use super::{Engine, STAGE};
 use crate::domain::{Event, EventStatus};

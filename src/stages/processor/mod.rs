@@ -39,7 +39,8 @@ use crate::wire::Outgoing;
 use crate::wire::domain_events::{DomainEvent, ProcessedFailed, ProcessedSuccess};
 use crate::wire::subjects::streams;
 use handler::Handler;
-use runner::{Ran, Runner};
+use runner::Runner;
+use verdict::Ran;
 
 pub const STAGE: &str = "processor";
 /// Longest a webhook processor may take when its config says nothing shorter.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::Utc;
 
-use super::verdict::{self, RunOutcome};
+use super::verdict::{self, Ran, RunOutcome};
 use crate::domain::{Event, ResultStatus};
 use crate::infra::bus::Bus;
 use crate::infra::callback::{self, Callbacks, Posted, Verdict};
@@ -21,16 +21,6 @@ use crate::store::processing::RunResult;
 use crate::wire::{Outgoing, headers};
 
 const CAPTURE_CACHE_FOR: Duration = Duration::from_secs(30);
-
-/// One processor's run on one event, as recorded, with what the caller acts on besides.
-#[derive(Debug, Clone)]
-pub struct Ran {
-    pub result: RunResult,
-    /// The endpoint asked to wait this long before the next attempt.
-    pub retry_after: Option<Duration>,
-    /// The endpoint is gone (410): the processor is disabled.
-    pub gone: bool,
-}
 
 /// Runs processors' actions. One per process; cheap to share.
 pub struct Runner {

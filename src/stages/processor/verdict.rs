@@ -10,11 +10,21 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::runner::Ran;
 use crate::domain::{EventStatus, ResultStatus};
 use crate::infra::consume::Outcome;
 use crate::registry::processors::Runnable;
+use crate::store::processing::RunResult;
 use crate::store::processing::{Prior, StatusChange};
+
+/// One processor's run on one event, as recorded, with what the caller acts on besides.
+#[derive(Debug, Clone)]
+pub struct Ran {
+    pub result: RunResult,
+    /// The endpoint asked to wait this long before the next attempt.
+    pub retry_after: Option<Duration>,
+    /// The endpoint is gone (410): the processor is disabled.
+    pub gone: bool,
+}
 
 /// How one run of a processor ended, before its retries are counted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,7 +185,6 @@ pub fn verdict(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::processing::RunResult;
     use chrono::Utc;
 
     fn ran(name: &str, attempt: i32, status: ResultStatus, retry_after: Option<Duration>) -> Ran {

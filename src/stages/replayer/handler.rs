@@ -150,7 +150,7 @@ impl JobHandler {
 }
 
 /// A `failed` event whose processors all succeeded in the replay becomes `processed`.
-fn lifted(event_id: &Uuid, ran: &[crate::stages::processor::runner::Ran]) -> StatusChange {
+fn lifted(event_id: &Uuid, ran: &[crate::stages::processor::verdict::Ran]) -> StatusChange {
     StatusChange {
         event_id: *event_id,
         status: EventStatus::Processed,
