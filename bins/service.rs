@@ -50,7 +50,7 @@ enum Command {
 /// Where NATS and PostgreSQL are, and the private servers started when none was given (they
 /// stop when dropped).
 struct Servers {
-    nats_url: String,
+    nats_url: Secret,
     database_url: Secret,
     local_nats: Option<LocalNats>,
     local_postgres: Option<LocalPostgres>,
@@ -62,7 +62,7 @@ impl Servers {
             Some(url) => (url.clone(), None),
             None => {
                 let local = LocalNats::start(&args.nats_server_bin, &data_dir.join("nats"), 0)?;
-                (local.url.clone(), Some(local))
+                (Secret::new(local.url.as_str()), Some(local))
             }
         };
         let (database_url, local_postgres) = match &args.common.database.database_url {
@@ -84,7 +84,11 @@ impl Servers {
         let private = |local: bool, what: &str| if local { format!("   (private {what})") } else { String::new() };
         println!("event-service is running");
         println!("  HTTP API     {shown}   (try: curl {shown}/health)");
-        println!("  NATS         {}{}", shown_url(&self.nats_url), private(self.local_nats.is_some(), "nats-server"));
+        println!(
+            "  NATS         {}{}",
+            shown_url(self.nats_url.expose()),
+            private(self.local_nats.is_some(), "nats-server")
+        );
         let database = shown_url(self.database_url.expose());
         println!("  PostgreSQL   {database}{}", private(self.local_postgres.is_some(), "cluster"));
         if self.local_nats.is_some() || self.local_postgres.is_some() {

@@ -67,13 +67,14 @@ pub async fn start(common: &Common, client_name: &str) -> Result<Started, Servic
 
 /// Connects to NATS and PostgreSQL and brings the topology and schema up to date.
 pub async fn connect_and_set_up(
-    nats_url: &str,
+    nats_url: &Secret,
     nats: &NatsArgs,
     database_url: &Secret,
     database: &DatabaseArgs,
     client_name: &str,
 ) -> Result<(Bus, PgPool), ServiceError> {
-    let bus = Bus::connect(nats_url, client_name, std::time::Duration::from_millis(nats.ack_timeout_ms)).await?;
+    let bus =
+        Bus::connect(nats_url.expose(), client_name, std::time::Duration::from_millis(nats.ack_timeout_ms)).await?;
     topology::apply(&bus, nats).await?;
     let pool = db::connect(database_url, database).await?;
     db::migrate(&pool).await?;

@@ -27,8 +27,8 @@ pub struct Common {
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {
     /// NATS server URL. `event-service` starts a private nats-server when it is unset.
-    #[arg(long = "nats-url", env = "NATS_URL")]
-    pub nats_url: Option<String>,
+    #[arg(long = "nats-url", env = "NATS_URL", hide_env_values = true)]
+    pub nats_url: Option<Secret>,
     /// Replicas of every stream: 1 on a laptop, 3 on a cluster.
     #[arg(long = "stream-replicas", env = "EVENT_STREAM_REPLICAS", default_value_t = 1)]
     pub replicas: usize,

@@ -139,17 +139,22 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         None => fresh_database().await,
     };
     let nats_args = NatsArgs {
-        nats_url: Some(nats_server.url.clone()),
+        nats_url: Some(Secret::new(nats_server.url.as_str())),
         replicas: 1,
         events_max_age_secs: 3600,
         ack_timeout_ms: 2000,
     };
     let database_secret = Secret::new(database_url.clone());
     let database_args = DatabaseArgs { database_url: Some(database_secret.clone()), max_connections: 8 };
-    let (bus, service_pool) =
-        service::connect_and_set_up(&nats_server.url, &nats_args, &database_secret, &database_args, "test-service")
-            .await
-            .expect("set up");
+    let (bus, service_pool) = service::connect_and_set_up(
+        &Secret::new(nats_server.url.as_str()),
+        &nats_args,
+        &database_secret,
+        &database_args,
+        "test-service",
+    )
+    .await
+    .expect("set up");
     let gateway_args = GatewayArgs {
         http_addr: "127.0.0.1:0".parse().expect("addr"),
         api_keys: options.api_keys.iter().map(|key| Secret::new(key.as_str())).collect(),
