@@ -51,6 +51,8 @@ string_enum!(
         Queued => "queued",
         Running => "running",
         Completed => "completed",
+        /// Allowed by the schema; no version of the replayer sets it yet.
+        Failed => "failed",
     }
 );
 

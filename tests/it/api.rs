@@ -657,3 +657,34 @@ async fn nats_down_means_503_and_nothing_accepted() {
     let (_, health) = app.get("/api/v1/events/frontend/health").await;
     assert_eq!(health["nats_connected"], false);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_is_a_500_with_a_request_id_and_nothing_internal() {
+    let app = spawn_app().await;
+    let id = app.create(json!({"event_type": "odd.row", "user_id": "u"})).await;
+    // A stored value the service does not know (written behind its back) is a fault, not a
+    // default and not "retry later".
+    sqlx::query("UPDATE event.events SET event_source = 'mars' WHERE event_id = $1::uuid")
+        .bind(&id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let response = app
+        .http
+        .get(app.url(&format!("/api/v1/events/{id}")))
+        .header("x-request-id", "trace-me-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(response.headers().get("x-request-id").unwrap(), "trace-me-1");
+    assert!(response.headers().get("retry-after").is_none(), "retrying will not help");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "internal_error");
+    assert!(!body["detail"].as_str().unwrap().contains("mars"), "{body}");
+
+    // Every answer has a request id, a new one when the client sent none.
+    let healthy = app.http.get(app.url("/health")).send().await.unwrap();
+    let generated = healthy.headers().get("x-request-id").unwrap().to_str().unwrap();
+    assert_eq!(uuid::Uuid::parse_str(generated).map(|_| ()), Ok(()), "{generated}");
+}

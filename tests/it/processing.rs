@@ -450,3 +450,76 @@ async fn events_no_processor_takes_are_stored_processed_the_others_wait_for_the_
     let (_, user) = app.get("/api/v1/events/statistics?user_id=u1").await;
     assert_eq!((user["pending_events"].as_i64(), user["processed_events"].as_i64()), (Some(0), Some(3)), "{user}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_processors_follow_the_one_callback_rule() {
+    let app = spawn_app_with(Options { processors: 1, ..Options::default() }).await;
+    let hooks = Receiver::scripted(|path, _| match path {
+        "rejects" => StatusCode::BAD_REQUEST,
+        "gone" => StatusCode::GONE,
+        _ => StatusCode::OK,
+    })
+    .await;
+    for (name, path) in [("rejecter", "rejects"), ("vanished", "gone")] {
+        register(
+            &app,
+            json!({"processor_name": name, "processor_type": "webhook", "max_retries": 3,
+                   "config": {"url": hooks.url(path)}, "filters": {"event_type": format!("{name}.*")}}),
+        )
+        .await;
+    }
+    // A 400 is not retried, however many retries the processor has left.
+    let rejected = app.create(json!({"event_type": "rejecter.call", "user_id": "u"})).await;
+    let event = app.wait_for_status(&rejected, &["failed"]).await;
+    assert_eq!(hooks.paths_for(&rejected), ["rejects"]);
+    assert_eq!(results(&app, &rejected).await, [("rejecter".into(), 1, "failed".into())]);
+    assert!(event["error_message"].as_str().unwrap().starts_with("rejecter: HTTP 400"), "{event}");
+
+    // A 410 fails at once and disables the processor, which then takes nothing more.
+    let gone = app.create(json!({"event_type": "vanished.call", "user_id": "u"})).await;
+    app.wait_for_status(&gone, &["failed"]).await;
+    assert_eq!(hooks.paths_for(&gone), ["gone"]);
+    let disabled = wait_until(Duration::from_secs(5), || async {
+        let (_, list) = app.get("/api/v1/events/processors").await;
+        let processor = list.as_array()?.iter().find(|p| p["processor_name"] == "vanished")?.clone();
+        (processor["enabled"] == false).then_some(processor)
+    })
+    .await
+    .expect("the processor is disabled");
+    assert!(disabled["last_error"].as_str().unwrap().contains("410"), "{disabled}");
+    // Workers see a registry change within a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = app.create(json!({"event_type": "vanished.call", "user_id": "u"})).await;
+    app.wait_for_status(&later, &["processed"]).await;
+    assert!(hooks.paths_for(&later).is_empty(), "a disabled processor is not called");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patterns_follow_one_rule_everywhere() {
+    let app = spawn_app().await;
+    let empty_token = "user..created";
+    let (status, processor) = app
+        .post(
+            "/api/v1/events/processors",
+            &json!({"processor_name": "p", "processor_type": "nats", "filters": {"event_type": empty_token}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{processor}");
+    assert_eq!(processor["errors"][0]["field"], "filters.event_type");
+    let (status, subscription) = app
+        .post(
+            "/api/v1/events/subscriptions",
+            &json!({"event_types": [empty_token], "callback_url": "https://x.example/h"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{subscription}");
+    assert_eq!(subscription["errors"][0]["field"], "event_types");
+    let (status, definition) = app
+        .post(
+            "/api/v1/events/projections/definitions",
+            &json!({"name": "d", "entity_type": "order", "event_types": [empty_token]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{definition}");
+    assert_eq!(definition["errors"][0]["field"], "event_types");
+}
