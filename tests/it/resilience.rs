@@ -1,5 +1,7 @@
 //! Nothing acknowledged is lost: the persister stopping mid-stream, PostgreSQL going away.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -7,7 +9,7 @@ use event_service::infra::local::LocalPostgres;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::harness::{Options, spawn_app, spawn_app_with};
+use crate::harness::{Options, callback_args, dispatcher_args, spawn_app, spawn_app_with, wait_until};
 
 /// Publishes `count` events for `stream`, PubAcks pipelined; returns once all are acked.
 async fn publish_many(app: &crate::harness::TestApp, from: usize, count: usize, stream: &str) {
@@ -141,4 +143,54 @@ async fn a_restarted_service_picks_up_where_it_left_off() {
     app.start_persister().await;
     app.wait_for_events(50, Duration::from_secs(20)).await;
     assert_stream_exact(&app, "restart:one", 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_sent_as_postgres_goes_away_is_recorded_later_not_sent_again() {
+    let dir = tempfile::Builder::new().prefix("evsvc-pg-own-").tempdir().unwrap();
+    let mut postgres = LocalPostgres::start(dir.path(), 0, false).unwrap();
+    event_service::infra::db::ensure_database(&postgres.url("postgres"), "events").await.unwrap();
+    let mut app = spawn_app_with(Options { database_url: Some(postgres.url("events")), ..Options::default() }).await;
+    app.start_dispatcher(dispatcher_args(), callback_args()).await;
+    // A subscriber that answers only when the test lets it.
+    let (calls, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(tokio::sync::Notify::new()));
+    let (counted, held) = (calls.clone(), gate.clone());
+    let hook = axum::routing::post(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let held = held.clone();
+        async move {
+            held.notified().await;
+            StatusCode::OK
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, axum::Router::new().route("/hook", hook)).await });
+    let (status, subscription) =
+        app.post("/api/v1/events/subscriptions", &json!({"event_types": ["outage.*"], "callback_url": url})).await;
+    assert_eq!(status, StatusCode::OK, "{subscription}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    // The call is made; PostgreSQL goes away before the subscriber answers.
+    app.create(json!({"event_type": "outage.call", "user_id": "u"})).await;
+    wait_until(Duration::from_secs(10), || async { (calls.load(Ordering::SeqCst) >= 1).then_some(()) })
+        .await
+        .expect("the subscriber was called");
+    postgres.stop();
+    gate.notify_one();
+    // Longer than the pool waits for a connection (5 s): the record fails and the batch is held.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    postgres.launch().unwrap();
+
+    // The attempt is recorded once PostgreSQL is back, and the subscriber was called once.
+    let path = format!("/api/v1/events/subscriptions/{}/deliveries", subscription["subscription_id"].as_str().unwrap());
+    let log = wait_until(Duration::from_secs(30), || async {
+        let (status, page) = app.get(&path).await;
+        (status == StatusCode::OK && page["total"] == 1).then_some(page)
+    })
+    .await
+    .expect("the attempt is recorded");
+    assert_eq!(log["deliveries"][0]["status"], "delivered", "{log}");
+    assert_eq!(log["deliveries"][0]["attempt"], 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "recorded, not sent again");
 }

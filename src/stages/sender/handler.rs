@@ -2,7 +2,7 @@
 //! callback path, records the attempts, announces disabled subscriptions. The decisions are
 //! [`super::verdict`]'s.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -32,6 +32,16 @@ pub(super) struct Handler {
     pub callbacks: Callbacks,
     pub settings: DispatcherArgs,
     pub limits: Limits,
+    /// The attempts of a batch whose record failed: when the consume loop hands the same
+    /// batch in again, they are recorded as they are instead of being sent a second time.
+    pub unrecorded: Mutex<Option<Unrecorded>>,
+}
+
+/// Attempts made but not recorded yet, and the batch they belong to.
+pub(super) struct Unrecorded {
+    /// Stream sequences of the batch's messages, in order.
+    batch: Vec<u64>,
+    attempted: Vec<Attempted>,
 }
 
 /// What one delivery came to.
@@ -49,6 +59,22 @@ impl Attempted {
 
 impl BatchHandler for Handler {
     async fn handle(&self, batch: &Batch<'_>) -> Handled {
+        let sequences: Vec<u64> = batch.messages.iter().map(|m| m.info().map_or(0, |i| i.stream_sequence)).collect();
+        let attempted = match self.take_unrecorded(batch.attempt, &sequences) {
+            Some(attempted) => attempted,
+            None => self.attempt_all(batch).await?,
+        };
+        if let Err(error) = self.record(&attempted).await {
+            self.keep_unrecorded(Unrecorded { batch: sequences, attempted });
+            return Err(error);
+        }
+        Ok(attempted.into_iter().map(|attempted| attempted.outcome).collect())
+    }
+}
+
+impl Handler {
+    /// Sends every delivery of the batch (or decides not to).
+    async fn attempt_all(&self, batch: &Batch<'_>) -> Result<Vec<Attempted>, Transient> {
         let set = self.registry.snapshot();
         let keys: Vec<Option<DeliveryKey>> = batch.messages.iter().map(delivery::decode).collect();
         let known: Vec<(String, Uuid)> =
@@ -76,14 +102,22 @@ impl BatchHandler for Handler {
                 }
             })
             .collect();
-        let attempted: Vec<Attempted> =
-            futures::stream::iter(work).buffered(self.settings.sender_concurrency.max(1)).collect().await;
-        self.record(&attempted).await?;
-        Ok(attempted.into_iter().map(|attempted| attempted.outcome).collect())
+        Ok(futures::stream::iter(work).buffered(self.settings.sender_concurrency.max(1)).collect().await)
     }
-}
 
-impl Handler {
+    /// The attempts of this batch that a failed record left, when it is the same batch again.
+    fn take_unrecorded(&self, attempt: u32, sequences: &[u64]) -> Option<Vec<Attempted>> {
+        let mut unrecorded = self.unrecorded.lock().ok()?;
+        let held = unrecorded.take()?;
+        (attempt > 1 && held.batch == sequences).then_some(held.attempted)
+    }
+
+    fn keep_unrecorded(&self, held: Unrecorded) {
+        if let Ok(mut unrecorded) = self.unrecorded.lock() {
+            *unrecorded = Some(held);
+        }
+    }
+
     /// One attempt (or the decision not to make one).
     async fn deliver(&self, subscription: &Subscription, key: &DeliveryKey, attempt: i32, body: &Bytes) -> Attempted {
         let id = &subscription.subscription_id;

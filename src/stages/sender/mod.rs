@@ -11,6 +11,8 @@
 //!   disables the subscription; other answers fail at once. Past the last retry: failed,
 //!   recorded and dead-lettered (`deadletter.sender`).
 //! - Every attempt is recorded in `event.delivery_attempts` before its message is settled.
+//!   When the record fails (PostgreSQL away), the batch is held and its attempts are recorded
+//!   when PostgreSQL is back, without calling the subscribers again.
 //! - A delivery for a deleted subscription is dropped; for a disabled one it is recorded as
 //!   skipped (so `recover` can queue it again); a refused address is recorded, not retried.
 //! - `rate_limit_per_second` holds per sender process (a delivery over it waits in JetStream).
@@ -54,8 +56,15 @@ impl Sender {
         let callbacks = Callbacks::new(callbacks, Duration::from_millis(settings.delivery_timeout_ms))?;
         let max_batch = settings.sender_concurrency.max(1) * 2;
         let consume = ConsumeLoop::build(&bus, streams::DELIVERIES, STAGE, max_batch).await?;
-        let handler =
-            Handler { pool, bus, registry, callbacks, settings: settings.clone(), limits: Default::default() };
+        let handler = Handler {
+            pool,
+            bus,
+            registry,
+            callbacks,
+            settings: settings.clone(),
+            limits: Default::default(),
+            unrecorded: Default::default(),
+        };
         Ok(Self { consume, handler })
     }
 
