@@ -40,6 +40,8 @@ pub enum ServiceError {
     Database(#[from] DbError),
     #[error(transparent)]
     Stage(#[from] StageError),
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayError),
     #[error("the HTTP server failed")]
     Http(#[from] std::io::Error),
     #[error(transparent)]

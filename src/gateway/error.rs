@@ -18,12 +18,19 @@ use crate::infra::db::{self, ErrorKind};
 pub enum ApiError {
     #[error("validation failed")]
     Validation(Vec<FieldError>),
+    /// A tracking API message that cannot be taken: 400, as the SDKs' own endpoints answer.
+    #[error("invalid message")]
+    InvalidMessage(Vec<FieldError>),
     #[error("not found: {0}")]
     NotFound(&'static str),
     #[error("missing or invalid API key")]
     Unauthorized,
     #[error("invalid webhook signature")]
     BadSignature,
+    #[error("missing or invalid write key")]
+    BadWriteKey,
+    #[error("too many requests")]
+    RateLimited { retry_after: std::time::Duration },
     #[error("request body too large")]
     PayloadTooLarge,
     #[error("event too large: {0}")]
@@ -62,6 +69,21 @@ impl IntoResponse for ApiError {
             ApiError::Validation(errors) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "validation_error", summarize(errors), Some(errors.as_slice()))
             }
+            ApiError::InvalidMessage(errors) => {
+                (StatusCode::BAD_REQUEST, "invalid_message", summarize(errors), Some(errors.as_slice()))
+            }
+            ApiError::BadWriteKey => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_write_key",
+                "A valid write key is required: Basic auth with the key as user name, or writeKey".to_owned(),
+                None,
+            ),
+            ApiError::RateLimited { retry_after } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("Too many requests from this address; retry in {} ms", retry_after.as_millis()),
+                None,
+            ),
             ApiError::NotFound(what) => (StatusCode::NOT_FOUND, "not_found", format!("{what} not found"), None),
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
@@ -121,8 +143,21 @@ impl IntoResponse for ApiError {
             ApiError::Internal(error) => internal(error.as_ref()),
         };
         let mut response = (status, axum::Json(Body { code, detail, errors })).into_response();
-        if matches!(self, ApiError::Unauthorized) {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        match &self {
+            ApiError::Unauthorized => {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::BadWriteKey => {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic"));
+            }
+            ApiError::RateLimited { retry_after } => {
+                // Whole seconds, rounded up: a client waiting that long is let through.
+                let seconds = retry_after.as_millis().div_ceil(1000).max(1);
+                if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+                    response.headers_mut().insert(header::RETRY_AFTER, value);
+                }
+            }
+            _ => {}
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::JsonBody;
+use super::sorted::{Rejected, Sorted};
 use crate::domain::parse::{self, Defaults};
 use crate::domain::{EventCategory, EventSource, FieldError, Fields, MAX_ID_CHARS};
 use crate::wire::{Outgoing, codec, subjects};
@@ -78,12 +79,6 @@ pub struct BatchAccepted {
     message: String,
 }
 
-#[derive(Serialize)]
-pub struct Rejected {
-    index: usize,
-    errors: Vec<FieldError>,
-}
-
 pub async fn collect_batch(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -106,21 +101,11 @@ pub async fn collect_batch(
     };
     let client = ClientInfo::from_request(&headers, Some(peer));
     let now = Utc::now();
-    let mut messages = Vec::new();
-    let mut event_ids = Vec::new();
-    let mut rejected = Vec::new();
+    let mut sorted = Sorted::default();
     for (index, item) in events.iter().enumerate() {
-        match frontend_message(&state, item, &client, &client_info, now) {
-            Ok((message, event_id)) => {
-                messages.push(message);
-                event_ids.push(event_id);
-            }
-            Err(errors) => rejected.push(Rejected { index, errors }),
-        }
+        sorted.push(index, frontend_message(&state, item, &client, &client_info, now));
     }
-    for result in state.bus.publish_all(messages).await {
-        result?;
-    }
+    let (event_ids, rejected) = sorted.publish(&state).await?;
     let processed_count = event_ids.len();
     let message = format!("{} accepted, {} rejected", super::events(processed_count), rejected.len());
     Ok(Json(BatchAccepted { status: "accepted", processed_count, event_ids, rejected, message }))
@@ -231,6 +216,7 @@ pub struct FrontendHealth {
     status: &'static str,
     service: &'static str,
     nats_connected: bool,
+    timestamp: DateTime<Utc>,
 }
 
 pub async fn health(State(state): State<AppState>) -> Json<FrontendHealth> {
@@ -239,5 +225,6 @@ pub async fn health(State(state): State<AppState>) -> Json<FrontendHealth> {
         status: if nats_connected { "healthy" } else { "degraded" },
         service: "frontend-event-collection",
         nats_connected,
+        timestamp: Utc::now(),
     })
 }

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::AppState;
@@ -17,6 +18,7 @@ pub struct Health {
     uptime_seconds: u64,
     auth_required: bool,
     dependencies: Dependencies,
+    timestamp: DateTime<Utc>,
 }
 
 #[derive(Serialize)]
@@ -48,5 +50,6 @@ pub async fn health(State(state): State<AppState>) -> Json<Health> {
         uptime_seconds: state.started.elapsed().as_secs(),
         auth_required: state.api_keys.enabled(),
         dependencies: Dependencies { nats, postgres },
+        timestamp: Utc::now(),
     })
 }

@@ -1,6 +1,7 @@
 //! The HTTP gateway: ingest endpoints that publish to EVENTS, and the query side that reads
-//! PostgreSQL. One `router()` assembles the routes; management routes sit behind the API-key
-//! check, `/health`, the frontend endpoints and the RudderStack webhook are public.
+//! PostgreSQL. One `router()` assembles the routes: management routes sit behind the API-key
+//! check; the public ingest routes (frontend, the tracking API) answer CORS and are rate
+//! limited per client; `/health`, the contract and the RudderStack webhook are open.
 //!
 //! Reads HTTP, PostgreSQL and this gateway's stored-notification subject; writes `events.>`,
 //! replay jobs, and the registries' change notifications. Every response carries an
@@ -14,31 +15,38 @@ mod frontend;
 mod health;
 mod processors;
 mod projections;
+mod public;
 mod replay;
 mod rudderstack;
+mod sorted;
 mod subscriptions;
+mod tracking;
 mod waiters;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::routing::{get, post, put};
+use axum::routing::{MethodRouter, get, post, put};
+use axum::{Extension, Router};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 pub use auth::ApiKeys;
 pub use error::ApiError;
 pub use frontend::MAX_FRONTEND_BATCH;
+pub use public::BadOrigin;
 pub use rudderstack::signature_matches;
 
 use crate::domain::Secret;
 use crate::infra::bus::{Bus, BusError};
 use crate::infra::settings::GatewayArgs;
+use extract::BodyLimit;
+use public::ClientLimit;
 use waiters::StoredWaiters;
 
 /// Shared by every handler.
@@ -48,19 +56,29 @@ pub struct AppState {
     pool: PgPool,
     waiters: Arc<StoredWaiters>,
     api_keys: ApiKeys,
+    write_keys: ApiKeys,
     rudderstack_secret: Option<Secret>,
     store_timeout: Duration,
     max_batch_events: usize,
     max_event_bytes: usize,
+    tracking_max_event_bytes: usize,
     /// Snapshot spacing used when a rebuild folds a stream.
     snapshot_every: i64,
     started: Instant,
 }
 
+/// Why the gateway could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Cors(#[from] BadOrigin),
+}
+
 /// A built gateway, ready to serve.
 pub struct Gateway {
-    state: AppState,
-    settings: GatewayArgs,
+    app: Router,
 }
 
 impl Gateway {
@@ -69,11 +87,15 @@ impl Gateway {
         pool: PgPool,
         settings: &GatewayArgs,
         token: CancellationToken,
-    ) -> Result<Self, BusError> {
-        let waiters = StoredWaiters::start(&bus, token).await?;
+    ) -> Result<Self, GatewayError> {
+        let waiters = StoredWaiters::start(&bus, token.clone()).await?;
         let api_keys = ApiKeys::new(&settings.api_keys);
         if !api_keys.enabled() {
             tracing::warn!("EVENT_API_KEYS is not set: the management endpoints accept anyone");
+        }
+        let write_keys = ApiKeys::new(&settings.public.write_keys);
+        if !write_keys.enabled() {
+            tracing::warn!("EVENT_WRITE_KEYS is not set: the tracking API (/v1/*) accepts any write key");
         }
         // An event must fit in one NATS message with room for the headers.
         let max_payload = bus.client().server_info().max_payload;
@@ -83,52 +105,58 @@ impl Gateway {
             pool,
             waiters,
             api_keys,
+            write_keys,
             rudderstack_secret: settings.rudderstack_secret.clone().filter(|secret| !secret.is_empty()),
             store_timeout: settings.store_timeout(),
             max_batch_events: usize::from(settings.max_batch_events),
             max_event_bytes,
+            tracking_max_event_bytes: settings.public.max_event_bytes.min(max_event_bytes),
             snapshot_every: settings.snapshot_every as i64,
             started: Instant::now(),
         };
-        Ok(Self { state, settings: settings.clone() })
+        let limit = ClientLimit::new(settings.public.rate_limit, token);
+        Ok(Self { app: router(state, settings, limit)? })
     }
 
     /// Serves on `listener` until `token` is cancelled, then drains open requests.
     pub async fn run(self, listener: TcpListener, token: CancellationToken) -> std::io::Result<()> {
-        let app = router(self.state, &self.settings);
         tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        axum::serve(listener, self.app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(token.cancelled_owned())
             .await
     }
 }
 
-pub fn router(state: AppState, settings: &GatewayArgs) -> Router {
-    let single = DefaultBodyLimit::max(settings.max_body_bytes);
-    let batch = DefaultBodyLimit::max(settings.max_batch_body_bytes);
+/// Every route, each with the largest body it reads: management routes behind the API-key
+/// check; public ingest routes with CORS and the per-client rate limit; `/health` and the
+/// contract open. Request bodies may be gzip- or deflate-encoded anywhere.
+fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result<Router, BadOrigin> {
+    let single = settings.max_body_bytes;
+    let batch = settings.max_batch_body_bytes;
+    let tracking = (settings.public.max_event_bytes, settings.public.max_batch_bytes);
     let management = Router::new()
-        .route("/api/v1/events/create", post(events::create).layer(single))
-        .route("/api/v1/events/batch", post(events::batch).layer(batch))
-        .route("/api/v1/events/query", post(events::query).layer(single))
+        .route("/api/v1/events/create", limited(post(events::create), single))
+        .route("/api/v1/events/batch", limited(post(events::batch), batch))
+        .route("/api/v1/events/query", limited(post(events::query), single))
         .route("/api/v1/events/statistics", get(events::statistics))
         .route("/api/v1/events/{event_id}", get(events::get_event))
-        .route("/api/v1/events/processors", get(processors::list).post(processors::register).layer(single))
+        .route("/api/v1/events/processors", limited(get(processors::list).post(processors::register), single))
         .route("/api/v1/events/processors/{processor_id}", get(processors::get).delete(processors::delete))
         .route("/api/v1/events/processors/{processor_id}/toggle", put(processors::toggle))
-        .route("/api/v1/events/replay", post(replay::start).layer(single))
+        .route("/api/v1/events/replay", limited(post(replay::start), single))
         .route("/api/v1/events/replay/{replay_id}", get(replay::status))
         .route("/api/v1/events/stream/{stream_id}", get(projections::stream))
         .route(
             "/api/v1/events/projections/definitions",
-            get(projections::definitions).post(projections::create_definition).layer(single),
+            limited(get(projections::definitions).post(projections::create_definition), single),
         )
         .route("/api/v1/events/projections/definitions/{name}/rebuild", post(projections::rebuild_definition))
         .route("/api/v1/events/projections/{entity_type}/{entity_id}", get(projections::projection))
         .route("/api/v1/events/projections/{entity_type}/{entity_id}/rebuild", post(projections::rebuild))
-        .route("/api/v1/events/subscriptions", get(subscriptions::list).post(subscriptions::create).layer(single))
+        .route("/api/v1/events/subscriptions", limited(get(subscriptions::list).post(subscriptions::create), single))
         .route(
             "/api/v1/events/subscriptions/{subscription_id}",
-            get(subscriptions::get).patch(subscriptions::update).delete(subscriptions::delete).layer(single),
+            limited(get(subscriptions::get).patch(subscriptions::update).delete(subscriptions::delete), single),
         )
         .route("/api/v1/events/subscriptions/{subscription_id}/secret", get(subscriptions::secret))
         .route("/api/v1/events/subscriptions/{subscription_id}/deliveries", get(subscriptions::deliveries))
@@ -136,23 +164,43 @@ pub fn router(state: AppState, settings: &GatewayArgs) -> Router {
             "/api/v1/events/subscriptions/{subscription_id}/deliveries/{event_id}/resend",
             post(subscriptions::resend),
         )
-        .route("/api/v1/events/subscriptions/{subscription_id}/recover", post(subscriptions::recover).layer(single))
+        .route("/api/v1/events/subscriptions/{subscription_id}/recover", limited(post(subscriptions::recover), single))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
-    let public = Router::new()
+    let ingest = Router::new()
+        .route("/api/v1/events/frontend", browser(post(frontend::collect), single))
+        .route("/api/v1/events/frontend/batch", browser(post(frontend::collect_batch), batch))
+        .route("/v1/batch", browser(post(tracking::batch), tracking.1))
+        .route("/beacon/v1/batch", browser(post(tracking::batch), tracking.1))
+        .route("/v1/{kind}", browser(post(tracking::message), tracking.0))
+        .layer(axum::middleware::from_fn_with_state(limit, public::limit))
+        .layer(public::cors(&settings.public.cors_origins)?);
+    let open = Router::new()
         .route("/health", get(health::health))
         .route("/openapi.yaml", get(openapi))
-        .route("/api/v1/events/frontend", post(frontend::collect).layer(single))
-        .route("/api/v1/events/frontend/batch", post(frontend::collect_batch).layer(batch))
         .route("/api/v1/events/frontend/health", get(frontend::health))
-        .route("/webhooks/rudderstack", post(rudderstack::webhook).layer(batch));
-    management
-        .merge(public)
+        .route("/webhooks/rudderstack", limited(post(rudderstack::webhook), batch));
+    Ok(management
+        .merge(ingest)
+        .merge(open)
         .fallback(|| async { ApiError::NotFound("Endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(RequestDecompressionLayer::new())
+        .layer(DefaultBodyLimit::disable())
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .with_state(state)
+        .with_state(state))
+}
+
+/// A route that reads at most `bytes` of body (once decoded).
+fn limited(route: MethodRouter<AppState>, bytes: usize) -> MethodRouter<AppState> {
+    route.layer(Extension(BodyLimit(bytes)))
+}
+
+/// A public ingest route: [`limited`], and with an `OPTIONS` route for the CORS layer to answer
+/// preflights on (without one, the router's 405 would answer before the layer sees them).
+fn browser(route: MethodRouter<AppState>, bytes: usize) -> MethodRouter<AppState> {
+    limited(route.options(|| async { axum::http::StatusCode::NO_CONTENT }), bytes)
 }
 
 /// The span every log line of a request is in: method, path and request id.

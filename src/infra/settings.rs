@@ -86,6 +86,42 @@ pub struct GatewayArgs {
         default_value_t = 100
     )]
     pub snapshot_every: u64,
+    #[command(flatten)]
+    pub public: PublicArgs,
+}
+
+/// The public ingest endpoints (frontend, the tracking API): what browsers and SDKs may do.
+#[derive(Debug, Clone, Args)]
+pub struct PublicArgs {
+    /// Origins that browsers may send events from (CORS), comma-separated; `*` for any.
+    #[arg(long = "cors-origins", env = "EVENT_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
+    pub cors_origins: Vec<String>,
+    /// Write keys of the tracking API (`/v1/*`), comma-separated; none: any caller is accepted.
+    #[arg(long = "write-keys", env = "EVENT_WRITE_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub write_keys: Vec<Secret>,
+    /// Largest tracking API message (one event), in bytes.
+    #[arg(long = "tracking-max-event-bytes", env = "EVENT_TRACKING_MAX_EVENT_BYTES", default_value_t = 32 * 1024)]
+    pub max_event_bytes: usize,
+    /// Largest tracking API batch body, in bytes (after `Content-Encoding` is undone).
+    #[arg(long = "tracking-max-batch-bytes", env = "EVENT_TRACKING_MAX_BATCH_BYTES",
+          default_value_t = 4 * 1024 * 1024)]
+    pub max_batch_bytes: usize,
+    /// Requests per second that one client address may make to the public ingest endpoints
+    /// (bursts of the same size); 0: no limit.
+    #[arg(long = "public-rate-limit", env = "EVENT_PUBLIC_RATE_LIMIT", default_value_t = 0)]
+    pub rate_limit: u32,
+}
+
+impl Default for PublicArgs {
+    fn default() -> Self {
+        Self {
+            cors_origins: vec!["*".to_owned()],
+            write_keys: Vec::new(),
+            max_event_bytes: 32 * 1024,
+            max_batch_bytes: 4 * 1024 * 1024,
+            rate_limit: 0,
+        }
+    }
 }
 
 impl GatewayArgs {

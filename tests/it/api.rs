@@ -16,7 +16,10 @@ async fn health_reports_dependencies() {
     assert_eq!(body["dependencies"]["postgres"]["status"], "connected");
     let (status, body) = app.get("/api/v1/events/frontend/health").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(body, json!({"status": "healthy", "service": "frontend-event-collection", "nats_connected": true}));
+    assert_eq!(
+        (body["status"].as_str(), body["service"].as_str(), body["nats_connected"].as_bool()),
+        (Some("healthy"), Some("frontend-event-collection"), Some(true))
+    );
     let document = app.http.get(app.url("/openapi.yaml")).send().await.unwrap();
     assert_eq!(document.status(), StatusCode::OK);
     assert!(document.text().await.unwrap().starts_with("openapi: 3.1"));

@@ -10,7 +10,7 @@ use event_service::gateway::Gateway;
 use event_service::infra::bus::Bus;
 use event_service::infra::local::{LocalNats, LocalPostgres};
 use event_service::infra::settings::{
-    CallbackArgs, DatabaseArgs, DispatcherArgs, GatewayArgs, NatsArgs, PersisterArgs, ProcessorArgs,
+    CallbackArgs, DatabaseArgs, DispatcherArgs, GatewayArgs, NatsArgs, PersisterArgs, ProcessorArgs, PublicArgs,
 };
 use event_service::service;
 use event_service::stages::persister::Persister;
@@ -94,6 +94,9 @@ pub struct Options {
     pub max_batch_events: u16,
     /// Processor workers to start with the app.
     pub processors: usize,
+    pub write_keys: Vec<String>,
+    pub cors_origins: Vec<String>,
+    pub public_rate_limit: u32,
 }
 
 impl Default for Options {
@@ -106,6 +109,9 @@ impl Default for Options {
             database_url: None,
             max_batch_events: 1000,
             processors: 0,
+            write_keys: vec![],
+            cors_origins: vec!["*".to_owned()],
+            public_rate_limit: 0,
         }
     }
 }
@@ -164,6 +170,12 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         max_batch_body_bytes: 16 * 1024 * 1024,
         store_timeout_ms: options.store_timeout_ms,
         snapshot_every: 10,
+        public: PublicArgs {
+            write_keys: options.write_keys.iter().map(|key| Secret::new(key.as_str())).collect(),
+            cors_origins: options.cors_origins.clone(),
+            rate_limit: options.public_rate_limit,
+            ..PublicArgs::default()
+        },
     };
     let token = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -7,9 +7,11 @@ mod harness;
 mod receiver;
 
 mod api;
+mod bodies;
 mod ingest;
 mod processing;
 mod projections;
 mod replay;
 mod resilience;
 mod subscriptions;
+mod tracking;

@@ -78,15 +78,17 @@ impl Action {
 
 fn webhook(fields: &mut Fields<'_>, guard: &Guard, timeout: Duration) -> Option<Action> {
     let secret = fields.string("secret", 1024).map(Secret::from);
-    if !fields.present("url") {
-        fields.fail("url", "is required for a webhook processor");
+    // `webhook_url` is the name older clients send.
+    let name = if !fields.present("url") && fields.present("webhook_url") { "webhook_url" } else { "url" };
+    if !fields.present(name) {
+        fields.fail("url", "is required for a webhook processor (or webhook_url)");
         return None;
     }
-    let url = fields.string("url", 2048)?;
+    let url = fields.string(name, 2048)?;
     match guard.check_registration(&url) {
         Ok(url) => Some(Action::Webhook { url, secret, timeout }),
         Err(error) => {
-            fields.fail("url", error.to_string());
+            fields.fail(name, error.to_string());
             None
         }
     }
@@ -139,6 +141,8 @@ mod tests {
             Ok(Action::Publish { .. })
         ));
         assert_eq!(action("webhook", json!({})).unwrap_err(), ["config.url"]);
+        assert!(matches!(action("webhook", json!({"webhook_url": "https://x.example/h"})), Ok(Action::Webhook { .. })));
+        assert_eq!(action("webhook", json!({"webhook_url": "ftp://x"})).unwrap_err(), ["config.webhook_url"]);
         assert_eq!(action("publish", json!({"subject": "events.{event_type}"})).unwrap_err(), ["config.subject"]);
         assert_eq!(
             action("x", json!({"kind": "ftp", "timeout_ms": 0})).unwrap_err(),
