@@ -142,7 +142,7 @@ fn accepted_async(body: &impl Serialize) -> Response {
 /// PostgreSQL has are then dropped and the rest published again, as one batch still; ids that
 /// are in JetStream but not yet in PostgreSQL are waited for, up to the store timeout. True
 /// when some events had been accepted before (nobody will announce those as stored).
-async fn publish_new(state: &AppState, mut messages: Vec<(Uuid, Outgoing)>) -> Result<bool, ApiError> {
+pub(super) async fn publish_new(state: &AppState, mut messages: Vec<(Uuid, Outgoing)>) -> Result<bool, ApiError> {
     let deadline = tokio::time::Instant::now() + state.store_timeout;
     let mut seen_before = false;
     loop {

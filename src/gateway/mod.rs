@@ -8,6 +8,7 @@
 //! `x-request-id` (the caller's, or a new one), and every log line of a request has it.
 
 mod auth;
+mod cloudevents;
 mod error;
 mod events;
 mod extract;
@@ -137,6 +138,7 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
     let management = Router::new()
         .route("/api/v1/events/create", limited(post(events::create), single))
         .route("/api/v1/events/batch", limited(post(events::batch), batch))
+        .route("/api/v1/events/cloudevents", limited(post(cloudevents::ingest), batch))
         .route("/api/v1/events/query", limited(post(events::query), single))
         .route("/api/v1/events/statistics", get(events::statistics))
         .route("/api/v1/events/{event_id}", get(events::get_event))

@@ -8,6 +8,7 @@ mod receiver;
 
 mod api;
 mod bodies;
+mod clients;
 mod ingest;
 mod processing;
 mod projections;

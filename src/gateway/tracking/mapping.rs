@@ -7,7 +7,8 @@
 //!   `identify`, `group`, `alias` → the type (or `event` when given).
 //! - Category: `page` and `screen` are `page_view`; a `track` whose name says `form` is
 //!   `form_submit`, one that says `click` is `click`; everything else `user_action`.
-//! - `properties` and `traits` become `data`; `context` stays `context`; `userId` (else
+//! - `properties` and `traits` (or `context.traits`, where RudderStack's identify puts them)
+//!   become `data`; `context` stays `context`; `userId` (else
 //!   `anonymousId`) is the user; `context.sessionId` the session; `messageId` gives a stable
 //!   event id, so a retried message lands once.
 //! - The message's own fields that have no place of their own (`messageId`, `anonymousId`,
@@ -68,8 +69,10 @@ pub fn to_request(message: &Value, kind: Option<&str>, origin: Origin) -> Result
         return Err(vec![FieldError::new("event", "is required for track events")]);
     };
     let mut data = Map::new();
-    for name in ["properties", "traits"] {
-        if let Some(Value::Object(values)) = message.get(name) {
+    // RudderStack's identify carries its traits in `context.traits`, Segment's at the root.
+    let traits = message.get("traits").or_else(|| message.get("context").and_then(|context| context.get("traits")));
+    for values in [message.get("properties"), traits] {
+        if let Some(Value::Object(values)) = values {
             data.extend(values.clone());
         }
     }
