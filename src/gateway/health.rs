@@ -1,14 +1,17 @@
-//! `GET /health`: "healthy" while the process serves, with the state of each dependency.
+//! Health: `GET /health` (the process serves, with the state of each dependency),
+//! `GET /health/live` (the process runs) and `GET /health/ready` (503 while NATS or
+//! PostgreSQL is unreachable, naming which) for load balancers and Kubernetes probes.
+//!
 //! Reads the NATS connection state and asks PostgreSQL `SELECT 1`; writes nothing.
-
-use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::AppState;
+use crate::infra::probe::Dependencies;
 
 #[derive(Serialize)]
 pub struct Health {
@@ -21,35 +24,54 @@ pub struct Health {
     timestamp: DateTime<Utc>,
 }
 
-#[derive(Serialize)]
-pub struct Dependencies {
-    nats: Dependency,
-    postgres: Dependency,
-}
-
-#[derive(Serialize)]
-pub struct Dependency {
-    status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    latency_ms: Option<f64>,
-}
-
 pub async fn health(State(state): State<AppState>) -> Json<Health> {
-    let nats =
-        Dependency { status: if state.bus.is_connected() { "connected" } else { "disconnected" }, latency_ms: None };
-    let started = Instant::now();
-    let ping = tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(&state.pool)).await;
-    let postgres = match ping {
-        Ok(Ok(_)) => Dependency { status: "connected", latency_ms: Some(started.elapsed().as_secs_f64() * 1000.0) },
-        _ => Dependency { status: "unavailable", latency_ms: None },
-    };
     Json(Health {
         status: "healthy",
         service: "event_service",
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs(),
         auth_required: state.api_keys.enabled(),
-        dependencies: Dependencies { nats, postgres },
+        dependencies: Dependencies::check(&state.bus, &state.pool).await,
         timestamp: Utc::now(),
     })
+}
+
+/// A probe's answer.
+#[derive(Serialize)]
+pub struct Probe {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dependencies: Option<Dependencies>,
+    timestamp: DateTime<Utc>,
+}
+
+/// The process runs (and answers): nothing else is checked.
+pub async fn live() -> Json<Probe> {
+    Json(Probe { status: "live", code: None, detail: None, dependencies: None, timestamp: Utc::now() })
+}
+
+/// Ready to take traffic: NATS connected and PostgreSQL answering.
+pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Probe>) {
+    readiness(Dependencies::check(&state.bus, &state.pool).await)
+}
+
+/// The readiness answer for the state of the dependencies.
+pub fn readiness(dependencies: Dependencies) -> (StatusCode, Json<Probe>) {
+    let down = dependencies.unavailable();
+    let (status, code, detail) = match down.as_slice() {
+        [] => (StatusCode::OK, None, None),
+        down => (StatusCode::SERVICE_UNAVAILABLE, Some("not_ready"), Some(format!("unavailable: {}", down.join(", ")))),
+    };
+    let probe = Probe {
+        status: if status.is_success() { "ready" } else { "not_ready" },
+        code,
+        detail,
+        dependencies: Some(dependencies),
+        timestamp: Utc::now(),
+    };
+    (status, Json(probe))
 }

@@ -178,6 +178,8 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
         .layer(public::cors(&settings.public.cors_origins)?);
     let open = Router::new()
         .route("/health", get(health::health))
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
         .route("/openapi.yaml", get(openapi))
         .route("/api/v1/events/frontend/health", get(frontend::health))
         .route("/webhooks/rudderstack", limited(post(rudderstack::webhook), batch));

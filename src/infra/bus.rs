@@ -96,8 +96,10 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Connects, retrying in the background if the server goes away later.
+    /// Connects to one server or a comma-separated list of them (the NATS convention; the
+    /// client fails over between them), retrying in the background if the server goes away.
     pub async fn connect(url: &str, name: &str, ack_timeout: Duration) -> Result<Self, BusError> {
+        let servers = server_list(url);
         let client = async_nats::ConnectOptions::new()
             .name(name)
             .retry_on_initial_connect()
@@ -111,7 +113,7 @@ impl Bus {
                     other => tracing::info!(event = %other, "nats event"),
                 }
             })
-            .connect(url)
+            .connect(servers.as_slice())
             .await?;
         let mut jetstream = jetstream::new(client.clone());
         jetstream.set_timeout(ack_timeout);
@@ -248,6 +250,11 @@ impl Bus {
     }
 }
 
+/// The servers of a `NATS_URL`: comma-separated, blanks ignored.
+pub fn server_list(url: &str) -> Vec<&str> {
+    url.split(',').map(str::trim).filter(|server| !server.is_empty()).collect()
+}
+
 async fn settle(
     sent: Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>,
 ) -> Result<Stored, BusError> {
@@ -267,4 +274,18 @@ struct ApiErrorBody {
     err_code: u64,
     #[serde(default)]
     description: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nats_urls_may_list_servers() {
+        assert_eq!(server_list("nats://a:4222"), ["nats://a:4222"]);
+        assert_eq!(
+            server_list("nats://a:4222, nats://b:4222,,nats://c:4222 "),
+            ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+        );
+    }
 }

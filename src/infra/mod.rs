@@ -8,6 +8,7 @@ pub mod consume;
 pub mod db;
 pub mod deadletter;
 pub mod local;
+pub mod probe;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

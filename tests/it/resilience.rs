@@ -194,3 +194,32 @@ async fn a_delivery_sent_as_postgres_goes_away_is_recorded_later_not_sent_again(
     assert_eq!(log["deliveries"][0]["attempt"], 1);
     assert_eq!(calls.load(Ordering::SeqCst), 1, "recorded, not sent again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_postgres_and_liveness_does_not() {
+    let dir = tempfile::Builder::new().prefix("evsvc-pg-own-").tempdir().unwrap();
+    let mut postgres = LocalPostgres::start(dir.path(), 0, false).unwrap();
+    event_service::infra::db::ensure_database(&postgres.url("postgres"), "events").await.unwrap();
+    let app = spawn_app_with(Options { database_url: Some(postgres.url("events")), ..Options::default() }).await;
+    let (status, ready) = app.get("/health/ready").await;
+    assert_eq!((status, ready["status"].as_str()), (StatusCode::OK, Some("ready")), "{ready}");
+
+    postgres.stop();
+    let (status, ready) = app.get("/health/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert_eq!((ready["status"].as_str(), ready["code"].as_str()), (Some("not_ready"), Some("not_ready")));
+    assert!(ready["detail"].as_str().unwrap().contains("postgres"), "{ready}");
+    assert_eq!(ready["dependencies"]["nats"]["status"], "connected");
+    let (status, live) = app.get("/health/live").await;
+    assert_eq!((status, live["status"].as_str()), (StatusCode::OK, Some("live")));
+    let (status, health) = app.get("/health").await;
+    assert_eq!((status, health["dependencies"]["postgres"]["status"].as_str()), (StatusCode::OK, Some("unavailable")));
+
+    postgres.launch().unwrap();
+    let ready = wait_until(Duration::from_secs(20), || async {
+        let (status, _) = app.get("/health/ready").await;
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "ready again once PostgreSQL is back");
+}
