@@ -11,7 +11,7 @@ use event_service::infra::local::{LocalNats, LocalPostgres};
 use event_service::infra::settings::{
     CallbackArgs, Common, DispatcherArgs, GatewayArgs, PersisterArgs, ProcessorArgs, ProjectorArgs,
 };
-use event_service::infra::{db, shutdown, telemetry};
+use event_service::infra::{db, ops, shutdown, telemetry};
 use event_service::service;
 
 #[derive(Parser)]
@@ -110,6 +110,9 @@ async fn main() -> anyhow::Result<()> {
     if matches!(args.command, Some(Command::Setup)) {
         println!("JetStream topology and database migrations are up to date");
         return Ok(());
+    }
+    if let Some(addr) = args.common.metrics_addr {
+        ops::start(addr, bus.clone(), pool.clone(), token.clone()).await?;
     }
     let listener = tokio::net::TcpListener::bind(args.gateway.http_addr).await?;
     servers.print(listener.local_addr()?, &data_dir);

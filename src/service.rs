@@ -20,7 +20,7 @@ use crate::infra::settings::{
     self, CallbackArgs, Common, DatabaseArgs, DispatcherArgs, GatewayArgs, Missing, NatsArgs, PersisterArgs,
     ProcessorArgs, ProjectorArgs,
 };
-use crate::infra::{shutdown, telemetry, topology};
+use crate::infra::{ops, shutdown, telemetry, topology};
 use crate::registry::Registry;
 use crate::registry::subscriptions::Subscriptions;
 use crate::stages::StageError;
@@ -56,14 +56,18 @@ pub struct Started {
     pub token: CancellationToken,
 }
 
-/// The start of every single-stage binary: logging, the shutdown token, and NATS and
-/// PostgreSQL connected with the topology and schema up to date.
+/// The start of every single-stage binary: logging, the shutdown token, NATS and PostgreSQL
+/// connected with the topology and schema up to date, and the ops server when
+/// `EVENT_METRICS_ADDR` is set.
 pub async fn start(common: &Common, client_name: &str) -> Result<Started, ServiceError> {
     telemetry::init(&common.log.format);
     let token = shutdown::on_signal();
     let nats_url = settings::required(&common.nats.nats_url, "NATS_URL")?;
     let database_url = settings::required(&common.database.database_url, "DATABASE_URL")?;
     let (bus, pool) = connect_and_set_up(nats_url, &common.nats, database_url, &common.database, client_name).await?;
+    if let Some(addr) = common.metrics_addr {
+        ops::start(addr, bus.clone(), pool.clone(), token.clone()).await?;
+    }
     Ok(Started { bus, pool, token })
 }
 
@@ -80,6 +84,7 @@ pub async fn connect_and_set_up(
     topology::apply(&bus, nats).await?;
     let pool = db::connect(database_url, database).await?;
     db::migrate(&pool).await?;
+    bus.metrics().watch_pool(pool.clone());
     Ok((bus, pool))
 }
 

@@ -77,7 +77,7 @@ pub async fn ingest(
         messages.push((event.event_id, state.event_message(event)?));
     }
     let event_ids = messages.iter().map(|(id, _)| *id).collect();
-    super::events::publish_new(&state, messages).await?;
+    super::events::publish_new(&state, "cloudevents", messages).await?;
     Ok(Json(Accepted { status: "accepted", event_ids }))
 }
 

@@ -26,10 +26,15 @@ use super::extract::JsonBody;
 use crate::domain::fields::object_body;
 use crate::domain::parse::{self, Defaults, MAX_EVENT_TYPE_CHARS};
 use crate::domain::{Event, EventCategory, EventSource, EventStatus, FieldError, Fields, MAX_ID_CHARS};
+use crate::infra::bus::Stored;
 use crate::store::events::{self as stored, StoredEvent};
 use crate::store::query::{self, EventFilter};
 use crate::store::statistics::{self, Statistics};
 use crate::wire::{Outgoing, codec, headers};
+
+/// The ingest paths of [`crate::infra::metrics::PathLabels`] this module publishes on.
+const CREATE: &str = "create";
+const BATCH: &str = "batch";
 
 /// An accepted event as create and batch answer it.
 #[derive(Serialize)]
@@ -47,12 +52,12 @@ pub async fn create(
     let event = parse::parse_event(body, &Defaults::http(Utc::now())).map_err(ApiError::Validation)?;
     let view = EventView { event: &event, status: EventStatus::Pending };
     if prefers_async(&headers) {
-        state.bus.publish(state.event_message(&event)?).await?;
+        state.publish_one(CREATE, state.event_message(&event)?).await?;
         return Ok(accepted_async(&view));
     }
     let message = state.event_message(&event)?.with_header(headers::NOTIFY, state.waiters.subject());
     let waiting = state.waiters.register(&[event.event_id]);
-    let stored = state.bus.publish(message).await?;
+    let stored = state.publish_one(CREATE, message).await?;
     let in_database = waiting.wait(&state.pool, state.store_timeout, stored.duplicate).await;
     Ok(answer(in_database, &view))
 }
@@ -108,12 +113,12 @@ pub async fn batch(
     }
     let views: Vec<EventView> = events.iter().map(|event| EventView { event, status: EventStatus::Pending }).collect();
     if respond_async {
-        publish_new(&state, messages).await?;
+        publish_new(&state, BATCH, messages).await?;
         return Ok(accepted_async(&views));
     }
     let ids: Vec<Uuid> = events.iter().map(|event| event.event_id).collect();
     let waiting = state.waiters.register(&ids);
-    let seen_before = publish_new(&state, messages).await?;
+    let seen_before = publish_new(&state, BATCH, messages).await?;
     let in_database = waiting.wait(&state.pool, state.store_timeout, seen_before).await;
     Ok(answer(in_database, &views))
 }
@@ -142,13 +147,20 @@ fn accepted_async(body: &impl Serialize) -> Response {
 /// PostgreSQL has are then dropped and the rest published again, as one batch still; ids that
 /// are in JetStream but not yet in PostgreSQL are waited for, up to the store timeout. True
 /// when some events had been accepted before (nobody will announce those as stored).
-pub(super) async fn publish_new(state: &AppState, mut messages: Vec<(Uuid, Outgoing)>) -> Result<bool, ApiError> {
+pub(super) async fn publish_new(
+    state: &AppState,
+    path: &'static str,
+    mut messages: Vec<(Uuid, Outgoing)>,
+) -> Result<bool, ApiError> {
     let deadline = tokio::time::Instant::now() + state.store_timeout;
     let mut seen_before = false;
     loop {
         let batch = messages.iter().map(|(_, message)| message.clone()).collect();
         let error = match state.bus.publish_atomic(batch).await {
-            Ok(_) => return Ok(seen_before),
+            Ok(_) => {
+                state.bus.metrics().accepted(path, messages.len());
+                return Ok(seen_before);
+            }
             Err(error) if error.is_duplicate_in_batch() => error,
             Err(error) => return Err(error.into()),
         };
@@ -180,6 +192,16 @@ fn answer(in_database: bool, body: &impl Serialize) -> Response {
 }
 
 impl AppState {
+    /// Publishes one event's message and counts it accepted through `path` (unless JetStream
+    /// had it already).
+    pub(super) async fn publish_one(&self, path: &'static str, message: Outgoing) -> Result<Stored, ApiError> {
+        let stored = self.bus.publish(message).await?;
+        if !stored.duplicate {
+            self.bus.metrics().accepted(path, 1);
+        }
+        Ok(stored)
+    }
+
     /// The EVENTS message of an event, refused when it is larger than an event may be.
     pub(super) fn event_message(&self, event: &Event) -> Result<Outgoing, ApiError> {
         let message = codec::encode(event).map_err(|error| ApiError::Internal(error.into()))?;

@@ -66,7 +66,7 @@ pub async fn collect(
     let client = ClientInfo::from_request(&headers, Some(peer));
     let message = frontend_message(&state, &body, &client, &Map::new(), Utc::now()).map_err(ApiError::Validation)?;
     let event_id = message.1;
-    state.bus.publish(message.0).await?;
+    state.publish_one("frontend", message.0).await?;
     Ok(Json(Accepted { status: "accepted", event_id, message: "Event accepted" }))
 }
 
@@ -105,7 +105,7 @@ pub async fn collect_batch(
     for (index, item) in events.iter().enumerate() {
         sorted.push(index, frontend_message(&state, item, &client, &client_info, now));
     }
-    let (event_ids, rejected) = sorted.publish(&state).await?;
+    let (event_ids, rejected) = sorted.publish(&state, "frontend").await?;
     let processed_count = event_ids.len();
     let message = format!("{} accepted, {} rejected", super::events(processed_count), rejected.len());
     Ok(Json(BatchAccepted { status: "accepted", processed_count, event_ids, rejected, message }))

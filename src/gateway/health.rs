@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::AppState;
-use crate::infra::probe::Dependencies;
+use crate::infra::probe::{self, Dependencies, Probe};
 
 #[derive(Serialize)]
 pub struct Health {
@@ -36,42 +36,12 @@ pub async fn health(State(state): State<AppState>) -> Json<Health> {
     })
 }
 
-/// A probe's answer.
-#[derive(Serialize)]
-pub struct Probe {
-    status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    code: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    detail: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dependencies: Option<Dependencies>,
-    timestamp: DateTime<Utc>,
-}
-
 /// The process runs (and answers): nothing else is checked.
 pub async fn live() -> Json<Probe> {
-    Json(Probe { status: "live", code: None, detail: None, dependencies: None, timestamp: Utc::now() })
+    probe::live()
 }
 
 /// Ready to take traffic: NATS connected and PostgreSQL answering.
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Probe>) {
-    readiness(Dependencies::check(&state.bus, &state.pool).await)
-}
-
-/// The readiness answer for the state of the dependencies.
-pub fn readiness(dependencies: Dependencies) -> (StatusCode, Json<Probe>) {
-    let down = dependencies.unavailable();
-    let (status, code, detail) = match down.as_slice() {
-        [] => (StatusCode::OK, None, None),
-        down => (StatusCode::SERVICE_UNAVAILABLE, Some("not_ready"), Some(format!("unavailable: {}", down.join(", ")))),
-    };
-    let probe = Probe {
-        status: if status.is_success() { "ready" } else { "not_ready" },
-        code,
-        detail,
-        dependencies: Some(dependencies),
-        timestamp: Utc::now(),
-    };
-    (status, Json(probe))
+    probe::readiness(Dependencies::check(&state.bus, &state.pool).await)
 }

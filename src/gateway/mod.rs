@@ -14,6 +14,7 @@ mod events;
 mod extract;
 mod frontend;
 mod health;
+mod observe;
 mod processors;
 mod projections;
 mod public;
@@ -180,6 +181,7 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
         .route("/health", get(health::health))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
+        .route("/metrics", get(observe::metrics))
         .route("/openapi.yaml", get(openapi))
         .route("/api/v1/events/frontend/health", get(frontend::health))
         .route("/webhooks/rudderstack", limited(post(rudderstack::webhook), batch));
@@ -188,6 +190,7 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
         .merge(open)
         .fallback(|| async { ApiError::NotFound("Endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe::count))
         .layer(RequestDecompressionLayer::new())
         .layer(DefaultBodyLimit::disable())
         .layer(PropagateRequestIdLayer::x_request_id())

@@ -60,7 +60,7 @@ pub async fn webhook(
     if let Some(errors) = sorted.nothing_accepted() {
         return Err(ApiError::Validation(errors));
     }
-    let (event_ids, rejected) = sorted.publish(&state).await?;
+    let (event_ids, rejected) = sorted.publish(&state, "rudderstack").await?;
     let message = format!("{} accepted, {} rejected", super::events(event_ids.len()), rejected.len());
     Ok(Json(Accepted { status: "accepted", message, event_ids, rejected }))
 }

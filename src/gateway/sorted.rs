@@ -54,12 +54,22 @@ impl Sorted {
         })
     }
 
-    /// Publishes the accepted items; returns their ids and the rejections.
-    pub async fn publish(self, state: &AppState) -> Result<(Vec<Uuid>, Vec<Rejected>), ApiError> {
+    /// Publishes the accepted items and counts them accepted through `path`; returns their
+    /// ids and the rejections.
+    pub async fn publish(self, state: &AppState, path: &'static str) -> Result<(Vec<Uuid>, Vec<Rejected>), ApiError> {
+        let mut new = 0;
+        let mut failed = None;
         for result in state.bus.publish_all(self.messages).await {
-            result?;
+            match result {
+                Ok(stored) => new += usize::from(!stored.duplicate),
+                Err(error) => failed = failed.or(Some(error)),
+            }
         }
-        Ok((self.event_ids, self.rejected))
+        state.bus.metrics().accepted(path, new);
+        match failed {
+            Some(error) => Err(error.into()),
+            None => Ok((self.event_ids, self.rejected)),
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! once JetStream has acknowledged it, so a caller that answers its client after `Ok` never
 //! acknowledges an event that could be lost.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
@@ -14,6 +15,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use uuid::Uuid;
 
+use super::metrics::{Metrics, Shared};
 use crate::wire::Outgoing;
 
 /// The largest atomic batch the server accepts.
@@ -88,11 +90,13 @@ pub struct BatchStored {
     pub count: usize,
 }
 
-/// The NATS connection and its JetStream context.
+/// The NATS connection and its JetStream context, and the process's metrics (one of each per
+/// process: everything that talks to NATS can count without another argument).
 #[derive(Clone)]
 pub struct Bus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
+    metrics: Shared,
 }
 
 impl Bus {
@@ -126,7 +130,11 @@ impl Bus {
         })
         .await
         .ok();
-        Ok(Self { client, jetstream })
+        Ok(Self { client, jetstream, metrics: Arc::new(Metrics::new()) })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn client(&self) -> &async_nats::Client {

@@ -11,11 +11,10 @@
 //!   handed back): nothing is lost, nothing is reordered, no delivery is spent.
 //! - A rejected message is terminated only after DEADLETTER acknowledged its copy.
 //! - The loop survives transient errors (missed heartbeats, reconnects, no responders) and
-//!   ends only on cancellation or when its consumer is deleted. It counts every outcome.
+//!   ends only on cancellation or when its consumer is deleted. It counts every outcome, batch
+//!   and hold, and times every handling ([`crate::infra::metrics`]).
 
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -28,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::bus::{Bus, BusError};
 use super::deadletter::{self, Original};
+use super::metrics::{OutcomeLabels, StageLabels};
 use crate::wire::Rejection;
 
 /// What a handler decided about one message.
@@ -98,27 +98,6 @@ pub enum ConsumeError {
     ConsumerDeleted(String),
 }
 
-/// What a loop has done since it started.
-#[derive(Debug, Default)]
-pub struct Counts {
-    pub batches: AtomicU64,
-    pub acked: AtomicU64,
-    pub retried: AtomicU64,
-    pub rejected: AtomicU64,
-    /// Batches held after a [`Transient`] failure.
-    pub held: AtomicU64,
-}
-
-impl Counts {
-    fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn load(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-}
-
 /// How a stage consumes.
 pub struct ConsumeLoop {
     stage: &'static str,
@@ -129,7 +108,6 @@ pub struct ConsumeLoop {
     group: Option<&'static str>,
     /// How often a batch in hand gets a progress ack: a third of the consumer's ack wait.
     heartbeat: Duration,
-    counts: Arc<Counts>,
 }
 
 impl ConsumeLoop {
@@ -138,15 +116,8 @@ impl ConsumeLoop {
     pub async fn build(bus: &Bus, stream: &str, stage: &'static str, max_batch: usize) -> Result<Self, BusError> {
         let consumer = bus.consumer(stream, stage).await?;
         let heartbeat = (consumer.cached_info().config.ack_wait / 3).max(Duration::from_secs(1));
-        Ok(Self {
-            stage,
-            bus: bus.clone(),
-            consumer,
-            max_batch: max_batch.max(1),
-            group: None,
-            heartbeat,
-            counts: Arc::default(),
-        })
+        bus.metrics().watch_consumer(stream, stage, consumer.clone());
+        Ok(Self { stage, bus: bus.clone(), consumer, max_batch: max_batch.max(1), group: None, heartbeat })
     }
 
     /// Pulls in a priority group of a pinned-client consumer: one instance active, the others
@@ -154,10 +125,6 @@ impl ConsumeLoop {
     pub fn pinned(mut self, group: &'static str) -> Self {
         self.group = Some(group);
         self
-    }
-
-    pub fn counts(&self) -> Arc<Counts> {
-        self.counts.clone()
     }
 
     /// Runs until `token` is cancelled. The batch in hand when that happens is finished and
@@ -210,15 +177,7 @@ impl ConsumeLoop {
                 self.handle(handler, &batch, &token).await;
             }
         }
-        tracing::info!(
-            stage,
-            batches = Counts::load(&self.counts.batches),
-            acked = Counts::load(&self.counts.acked),
-            retried = Counts::load(&self.counts.retried),
-            rejected = Counts::load(&self.counts.rejected),
-            held = Counts::load(&self.counts.held),
-            "consumer stopped"
-        );
+        tracing::info!(stage, "consumer stopped");
         Ok(())
     }
 
@@ -239,16 +198,20 @@ impl ConsumeLoop {
         let stage = self.stage;
         let mut pauses = pauses();
         let mut attempt = 1;
+        let metrics = self.bus.metrics();
+        let labels = StageLabels { stage };
         loop {
+            let started = std::time::Instant::now();
             let handled = self.keep_alive(messages, handler.handle(&Batch { messages, attempt })).await;
+            metrics.stage_handle_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
             match handled {
                 Ok(outcomes) => {
-                    Counts::add(&self.counts.batches, 1);
+                    metrics.stage_batches.get_or_create(&labels).inc();
                     self.settle(messages, outcomes).await;
                     return;
                 }
                 Err(transient) => {
-                    Counts::add(&self.counts.held, 1);
+                    metrics.stage_held.get_or_create(&labels).inc();
                     let pause = pauses.next().unwrap_or(MAX_PAUSE);
                     tracing::warn!(stage, attempt, error = %transient,
                         cause = %std::error::Error::source(&transient).map(ToString::to_string).unwrap_or_default(),
@@ -292,29 +255,21 @@ impl ConsumeLoop {
     async fn settle(&self, batch: &[Message], outcomes: Vec<Outcome>) {
         debug_assert_eq!(batch.len(), outcomes.len());
         for (message, outcome) in batch.iter().zip(outcomes) {
-            let kind = match outcome {
-                Outcome::Ack => {
-                    Counts::add(&self.counts.acked, 1);
-                    AckKind::Ack
-                }
-                Outcome::Retry { after } => {
-                    Counts::add(&self.counts.retried, 1);
-                    AckKind::Nak(Some(after))
-                }
+            let (kind, counted) = match outcome {
+                Outcome::Ack => (AckKind::Ack, "ack"),
+                Outcome::Retry { after } => (AckKind::Nak(Some(after)), "retry"),
                 Outcome::Reject(rejection) => {
                     match deadletter::publish(&self.bus, self.stage, Original::of(message), &rejection).await {
-                        Ok(()) => {
-                            Counts::add(&self.counts.rejected, 1);
-                            AckKind::Term
-                        }
+                        Ok(()) => (AckKind::Term, "dead_letter"),
                         Err(error) => {
                             tracing::error!(stage = self.stage, error = %error, "cannot dead-letter; will retry");
-                            Counts::add(&self.counts.retried, 1);
-                            AckKind::Nak(Some(Duration::from_secs(5)))
+                            (AckKind::Nak(Some(Duration::from_secs(5))), "retry")
                         }
                     }
                 }
             };
+            let labels = OutcomeLabels { stage: self.stage, outcome: counted };
+            self.bus.metrics().stage_messages.get_or_create(&labels).inc();
             // A lost ack only means a redelivery, which every effect tolerates (idempotent).
             if let Err(error) = message.ack_with(kind).await {
                 tracing::warn!(stage = self.stage, error = %error, "ack failed");

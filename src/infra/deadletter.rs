@@ -10,6 +10,7 @@ use async_nats::jetstream::Message;
 use bytes::Bytes;
 
 use super::bus::{Bus, BusError};
+use super::metrics::DeadLetterLabels;
 use crate::wire::{Outgoing, Rejection, headers, subjects};
 
 /// The message being dead-lettered, wherever it was read from.
@@ -60,5 +61,16 @@ pub async fn publish(bus: &Bus, stage: &str, original: Original<'_>, rejection: 
         detail = %rejection.detail, "dead-lettered");
     let copy =
         Outgoing { subject: subjects::deadletter_subject(stage), headers: copied, payload: original.payload.clone() };
-    bus.publish(copy).await.map(|_| ())
+    bus.publish(copy).await?;
+    let stage = stage_name(stage);
+    bus.metrics().dead_letters.get_or_create(&DeadLetterLabels { stage, reason: rejection.code }).inc();
+    Ok(())
+}
+
+/// The stage as a metric label: one of the known stages (anything else is `other`).
+fn stage_name(stage: &str) -> &'static str {
+    ["persister", "processor", "replayer", "dispatcher", "sender", "projector"]
+        .into_iter()
+        .find(|known| *known == stage)
+        .unwrap_or("other")
 }

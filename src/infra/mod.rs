@@ -8,6 +8,8 @@ pub mod consume;
 pub mod db;
 pub mod deadletter;
 pub mod local;
+pub mod metrics;
+pub mod ops;
 pub mod probe;
 pub mod settings;
 pub mod shutdown;

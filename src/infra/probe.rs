@@ -1,10 +1,14 @@
-//! Whether this process can do its work: NATS connected and PostgreSQL answering. Used by the
-//! gateway's `/health`, `/health/ready`, and the worker stages' probes.
+//! Whether this process can do its work: NATS connected and PostgreSQL answering, and the
+//! probes' answers (`/health/live`, `/health/ready`) the gateway and the worker stages' ops
+//! server give.
 //!
 //! Reads the NATS connection state and runs `SELECT 1` (at most 1 s); writes nothing.
 
 use std::time::{Duration, Instant};
 
+use axum::Json;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
@@ -49,4 +53,39 @@ impl Dependencies {
         }
         down
     }
+}
+
+/// A probe's answer.
+#[derive(Serialize)]
+pub struct Probe {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dependencies: Option<Dependencies>,
+    timestamp: DateTime<Utc>,
+}
+
+/// The process runs (and answers): nothing else is checked.
+pub fn live() -> Json<Probe> {
+    Json(Probe { status: "live", code: None, detail: None, dependencies: None, timestamp: Utc::now() })
+}
+
+/// The readiness answer for the state of the dependencies.
+pub fn readiness(dependencies: Dependencies) -> (StatusCode, Json<Probe>) {
+    let down = dependencies.unavailable();
+    let (status, code, detail) = match down.as_slice() {
+        [] => (StatusCode::OK, None, None),
+        down => (StatusCode::SERVICE_UNAVAILABLE, Some("not_ready"), Some(format!("unavailable: {}", down.join(", ")))),
+    };
+    let probe = Probe {
+        status: if status.is_success() { "ready" } else { "not_ready" },
+        code,
+        detail,
+        dependencies: Some(dependencies),
+        timestamp: Utc::now(),
+    };
+    (status, Json(probe))
 }

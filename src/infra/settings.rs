@@ -21,6 +21,10 @@ pub struct Common {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    /// Where `/metrics`, `/health/live` and `/health/ready` are served, e.g. `0.0.0.0:9090`.
+    /// Off when unset; the gateway serves them on its HTTP port anyway.
+    #[arg(long = "metrics-addr", env = "EVENT_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// How to reach NATS and how to shape the JetStream topology.

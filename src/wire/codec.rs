@@ -19,7 +19,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::message::Outgoing;
-use super::subjects;
+use super::{headers, subjects};
 use crate::domain::event::{MAX_ID_CHARS, positional_event_id};
 use crate::domain::parse::{self, Defaults, MAX_EVENT_TYPE_CHARS};
 use crate::domain::{Event, EventCategory, EventSource, JsonObject, StreamId, event_id_from_key};
@@ -49,16 +49,21 @@ impl Rejection {
 /// The EVENTS message of an event: `events.{source}.{category}.{type}`, `Nats-Msg-Id` = the
 /// event id, the event's JSON as the payload.
 pub fn encode(event: &Event) -> Result<Outgoing, serde_json::Error> {
-    let payload = serde_json::to_vec(event)?;
     let subject =
         subjects::event_subject(event.event_source.as_str(), event.event_category.as_str(), &event.event_type);
-    Ok(Outgoing::event(subject, event.event_id, Bytes::from(payload)))
+    encode_on(subject, event)
 }
 
 /// [`encode`] with the subject chosen by the caller (the frontend endpoints keep the free-text
-/// category in the subject).
+/// category in the subject). Marks the message as the service's own (`Event-Service-Ingest`).
 pub fn encode_on(subject: String, event: &Event) -> Result<Outgoing, serde_json::Error> {
-    Ok(Outgoing::event(subject, event.event_id, Bytes::from(serde_json::to_vec(event)?)))
+    let payload = Bytes::from(serde_json::to_vec(event)?);
+    Ok(Outgoing::event(subject, event.event_id, payload).with_header(headers::INGEST, "http"))
+}
+
+/// Whether a service of ours encoded this EVENTS message (else a NATS-native producer did).
+pub fn is_ingested(message_headers: Option<&HeaderMap>) -> bool {
+    message_headers.is_some_and(|map| map.get(headers::INGEST).is_some())
 }
 
 /// Decodes a message a stage pulled from its EVENTS consumer.

@@ -5,6 +5,9 @@
 
 /// On an EVENTS message: the core-NATS subject on which the persister reports it stored.
 pub const NOTIFY: &str = "Event-Service-Notify";
+/// On an EVENTS message the service encoded itself (the gateway): `http`. Messages without it
+/// came from NATS-native producers.
+pub const INGEST: &str = "Event-Service-Ingest";
 
 /// On a dead-lettered message: a stable reason code, the human reason, the stage that refused
 /// it, and where the original was.

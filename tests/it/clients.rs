@@ -22,7 +22,7 @@ fn installed(variable: &str, default: &str) -> PathBuf {
 }
 
 /// Runs a Python script with the SDK venv; panics with its output when it fails.
-async fn python(script: &str, env: &[(&str, &str)]) -> String {
+pub(crate) async fn python(script: &str, env: &[(&str, &str)]) -> String {
     let interpreter = installed("EVENT_TEST_PYTHON", ".tools/pyclients/bin/python");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("client.py");

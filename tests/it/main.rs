@@ -10,6 +10,7 @@ mod api;
 mod bodies;
 mod clients;
 mod ingest;
+mod observability;
 mod processing;
 mod projections;
 mod replay;

@@ -103,7 +103,7 @@ async fn ingest(state: &AppState, messages: Vec<Value>, kind: Option<&str>) -> R
     if let Some(errors) = sorted.nothing_accepted() {
         return Err(ApiError::InvalidMessage(errors));
     }
-    let (event_ids, rejected) = sorted.publish(state).await?;
+    let (event_ids, rejected) = sorted.publish(state, "tracking").await?;
     Ok(Json(Answer { success: true, accepted: event_ids.len(), event_ids, rejected }))
 }
 

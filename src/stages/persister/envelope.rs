@@ -48,6 +48,11 @@ impl<'a> Envelope<'a> {
         self.headers.and_then(|headers| headers.get(headers::NOTIFY)).map(|value| value.as_str())
     }
 
+    /// Whether the service encoded it (else a NATS-native producer published it).
+    pub fn ingested(&self) -> bool {
+        codec::is_ingested(self.headers)
+    }
+
     pub fn original(&self) -> Original<'a> {
         Original {
             subject: self.subject,

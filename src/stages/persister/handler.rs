@@ -127,6 +127,13 @@ impl Handler {
         if let Err(error) = self.bus.notify(subjects::PERSISTED.to_owned(), Bytes::from(advance_to.to_string())).await {
             tracing::debug!(stage = STAGE, error = %error, "cannot announce the position");
         }
+        let native = to_store
+            .iter()
+            .filter(|(envelope, incoming, _)| !envelope.ingested() && new_ids.contains(&incoming.event.event_id))
+            .count();
+        if native > 0 {
+            self.bus.metrics().accepted("nats", native);
+        }
         for (envelope, incoming, _) in to_store {
             if envelope.position.is_some_and(|position| outcomes[position] != Outcome::Ack) {
                 continue;

@@ -78,6 +78,7 @@ impl Persister {
         }
         // Only which processors take an event matters here, never how they call out.
         let processors = Registry::load(pool.clone(), Processors { guard: Guard::default() }).await?;
+        bus.metrics().watch_persister(events.clone(), pool.clone());
         Ok(Self { consume, handler: Handler { pool, bus, events, processors } })
     }
 

@@ -16,6 +16,7 @@ use super::verdict::{self, Ran, RunOutcome};
 use crate::domain::{Event, ResultStatus};
 use crate::infra::bus::Bus;
 use crate::infra::callback::{self, Callbacks, Posted, Verdict};
+use crate::infra::metrics::RunLabels;
 use crate::registry::processors::{Action, Runnable};
 use crate::store::processing::RunResult;
 use crate::wire::{Outgoing, headers};
@@ -52,6 +53,8 @@ impl Runner {
             let outcome = self.run(runnable, event, payload, run_id).await;
             let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
             let status = verdict::result_status(&outcome, last_attempt(runnable, *attempt));
+            let labels = RunLabels { processor: runnable.name().to_owned(), outcome: status.as_str() };
+            self.bus.metrics().processor_runs.get_or_create(&labels).inc();
             if status != ResultStatus::Success {
                 tracing::info!(event_id = %event.event_id, processor = runnable.name(), attempt, status = %status,
                     message = outcome.message(), "processor did not succeed");

@@ -18,6 +18,7 @@ use crate::domain::DeliveryStatus;
 use crate::infra::bus::Bus;
 use crate::infra::callback::{self, Callbacks, Posted};
 use crate::infra::consume::{Batch, BatchHandler, Handled, Outcome, Transient};
+use crate::infra::metrics::DeliveryLabels;
 use crate::infra::settings::DispatcherArgs;
 use crate::registry;
 use crate::registry::subscriptions::{Subscription, SubscriptionRegistry, Subscriptions};
@@ -187,6 +188,11 @@ impl Handler {
         let disabled = deliveries::record(&self.pool, &outcomes, self.settings.disable_after_secs)
             .await
             .map_err(|error| Transient::new("cannot record deliveries", error))?;
+        let metrics = self.bus.metrics();
+        for row in &outcomes.attempts {
+            metrics.deliveries.get_or_create(&DeliveryLabels { outcome: row.status.as_str() }).inc();
+        }
+        metrics.subscriptions_disabled.inc_by(disabled.len() as u64);
         if disabled.is_empty() {
             return Ok(());
         }

@@ -1,0 +1,306 @@
+//! The process's metrics, in the Prometheus text format: one [`Metrics`] per process (created
+//! with its NATS connection, so every part that talks to NATS can count without another
+//! argument), scraped at `/metrics`.
+//!
+//! Reads, at scrape time only: the consumers' info (backlog), EVENTS' last sequence and the
+//! persister's stored position (lag), the PostgreSQL pool (usage). Writes nothing. Guarantees:
+//! names follow Prometheus conventions (`event_` prefix, `_total` counters, `_seconds`
+//! histograms in base units); labels have low cardinality: route templates never raw paths,
+//! no ids; a scrape never blocks for more than a second per consumer.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::stream::Stream;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use sqlx::PgPool;
+
+/// `Content-Type` of a scrape.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+    pub method: String,
+}
+
+/// How events came in: `create`, `batch`, `frontend`, `tracking`, `cloudevents`,
+/// `rudderstack`, `nats` (published straight to `events.>`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pub path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: &'static str,
+}
+
+/// A settled message: `ack`, `retry` or `dead_letter`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub stage: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    pub stream: String,
+    pub consumer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabels {
+    pub processor: String,
+    /// `success`, `retry`, `failed`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    /// `delivered`, `retry`, `failed`, `refused`, `skipped`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadLetterLabels {
+    pub stage: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// `idle` or `in_use`.
+    pub state: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Seconds, from half a millisecond to about 33 s.
+fn seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 17))
+}
+
+/// What a scrape reads besides the counters.
+#[derive(Default)]
+struct Sources {
+    consumers: Vec<(String, String, PullConsumer)>,
+    /// EVENTS and the pool holding the persister's position, when a persister runs here.
+    persister: Option<(Stream, PgPool)>,
+    pool: Option<PgPool>,
+}
+
+/// Every metric of one process.
+pub struct Metrics {
+    registry: Registry,
+    sources: Mutex<Sources>,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: HistogramFamily<RouteLabels>,
+    pub events_accepted: Family<PathLabels, Counter>,
+    pub stage_batches: Family<StageLabels, Counter>,
+    pub stage_messages: Family<OutcomeLabels, Counter>,
+    pub stage_handle_duration: HistogramFamily<StageLabels>,
+    pub stage_held: Family<StageLabels, Counter>,
+    pub consumer_pending: Family<ConsumerLabels, Gauge>,
+    pub consumer_ack_pending: Family<ConsumerLabels, Gauge>,
+    pub persister_lag: Gauge,
+    pub processor_runs: Family<RunLabels, Counter>,
+    pub deliveries: Family<DeliveryLabels, Counter>,
+    pub subscriptions_disabled: Counter,
+    pub dead_letters: Family<DeadLetterLabels, Counter>,
+    pub db_connections: Family<PoolLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut metrics = Self {
+            registry: Registry::with_prefix("event"),
+            sources: Mutex::default(),
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(seconds),
+            events_accepted: Family::default(),
+            stage_batches: Family::default(),
+            stage_messages: Family::default(),
+            stage_handle_duration: Family::new_with_constructor(seconds),
+            stage_held: Family::default(),
+            consumer_pending: Family::default(),
+            consumer_ack_pending: Family::default(),
+            persister_lag: Gauge::default(),
+            processor_runs: Family::default(),
+            deliveries: Family::default(),
+            subscriptions_disabled: Counter::default(),
+            dead_letters: Family::default(),
+            db_connections: Family::default(),
+        };
+        metrics.register();
+        metrics
+    }
+
+    fn register(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "http_requests",
+            "HTTP requests answered, by route template, method and status",
+            self.http_requests.clone(),
+        );
+        r.register_with_unit(
+            "http_request_duration",
+            "HTTP request handling time",
+            Unit::Seconds,
+            self.http_duration.clone(),
+        );
+        r.register("events_accepted", "Events accepted, by how they came in", self.events_accepted.clone());
+        r.register("stage_batches", "Batches a stage handled", self.stage_batches.clone());
+        r.register(
+            "stage_messages",
+            "Messages a stage settled, by outcome (ack, retry, dead_letter)",
+            self.stage_messages.clone(),
+        );
+        r.register_with_unit(
+            "stage_handle_duration",
+            "Time a stage's handler took per batch",
+            Unit::Seconds,
+            self.stage_handle_duration.clone(),
+        );
+        r.register("stage_batches_held", "Batches a stage held because a dependency was down", self.stage_held.clone());
+        r.register(
+            "consumer_pending_messages",
+            "Messages of a durable consumer not yet delivered",
+            self.consumer_pending.clone(),
+        );
+        r.register(
+            "consumer_ack_pending_messages",
+            "Messages of a durable consumer delivered, not yet acknowledged",
+            self.consumer_ack_pending.clone(),
+        );
+        r.register(
+            "persister_lag_messages",
+            "EVENTS messages past the persister's stored position",
+            self.persister_lag.clone(),
+        );
+        r.register(
+            "processor_runs",
+            "Processor runs, by processor and outcome (success, retry, failed)",
+            self.processor_runs.clone(),
+        );
+        r.register("deliveries", "Subscription delivery attempts, by outcome", self.deliveries.clone());
+        r.register(
+            "subscriptions_disabled",
+            "Subscriptions disabled for their failures",
+            self.subscriptions_disabled.clone(),
+        );
+        r.register("dead_letters", "Messages dead-lettered, by stage and reason", self.dead_letters.clone());
+        r.register(
+            "db_pool_connections",
+            "PostgreSQL pool connections, by state (idle, in_use)",
+            self.db_connections.clone(),
+        );
+    }
+
+    /// Counts `n` events accepted through `path`.
+    pub fn accepted(&self, path: &'static str, n: usize) {
+        self.events_accepted.get_or_create(&PathLabels { path }).inc_by(n as u64);
+    }
+
+    /// Reports this consumer's backlog at every scrape.
+    pub fn watch_consumer(&self, stream: &str, consumer: &str, handle: PullConsumer) {
+        if let Ok(mut sources) = self.sources.lock() {
+            sources.consumers.push((stream.to_owned(), consumer.to_owned(), handle));
+        }
+    }
+
+    /// Reports the persister's lag at every scrape.
+    pub fn watch_persister(&self, events: Stream, pool: PgPool) {
+        if let Ok(mut sources) = self.sources.lock() {
+            sources.persister = Some((events, pool));
+        }
+    }
+
+    /// Reports this pool's usage at every scrape.
+    pub fn watch_pool(&self, pool: PgPool) {
+        if let Ok(mut sources) = self.sources.lock() {
+            sources.pool = Some(pool);
+        }
+    }
+
+    /// Reads the gauges' sources, then encodes everything.
+    pub async fn scrape(&self) -> String {
+        self.refresh().await;
+        let mut text = String::new();
+        if let Err(error) = prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry) {
+            tracing::warn!(error = %error, "cannot encode the metrics");
+        }
+        text
+    }
+
+    async fn refresh(&self) {
+        let (consumers, persister, pool) = match self.sources.lock() {
+            Ok(sources) => (sources.consumers.clone(), sources.persister.clone(), sources.pool.clone()),
+            Err(_) => return,
+        };
+        for (stream, name, mut consumer) in consumers {
+            let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(1), consumer.info()).await else { continue };
+            let labels = ConsumerLabels { stream, consumer: name };
+            self.consumer_pending.get_or_create(&labels).set(info.num_pending as i64);
+            self.consumer_ack_pending.get_or_create(&labels).set(info.num_ack_pending as i64);
+        }
+        if let Some((mut events, pool)) = persister {
+            let stream = events.info().await.ok().map(|info| info.state.last_sequence);
+            let stored = crate::store::position::read_position(&pool, crate::wire::subjects::streams::EVENTS).await;
+            if let (Some(last), Ok(stored)) = (stream, stored) {
+                self.persister_lag.set(last.saturating_sub(stored) as i64);
+            }
+        }
+        if let Some(pool) = pool {
+            let (size, idle) = (pool.size() as i64, pool.num_idle() as i64);
+            self.db_connections.get_or_create(&PoolLabels { state: "idle" }).set(idle);
+            self.db_connections.get_or_create(&PoolLabels { state: "in_use" }).set((size - idle).max(0));
+        }
+    }
+}
+
+/// One process's metrics, shared.
+pub type Shared = Arc<Metrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn names_follow_prometheus_conventions() {
+        let metrics = Metrics::new();
+        metrics.accepted("frontend", 3);
+        metrics.stage_messages.get_or_create(&OutcomeLabels { stage: "persister", outcome: "ack" }).inc();
+        metrics
+            .http_duration
+            .get_or_create(&RouteLabels { route: "/health".into(), method: "GET".into() })
+            .observe(0.002);
+        let text = metrics.scrape().await;
+        assert!(text.contains("event_events_accepted_total{path=\"frontend\"} 3"), "{text}");
+        assert!(text.contains("event_stage_messages_total{stage=\"persister\",outcome=\"ack\"} 1"), "{text}");
+        assert!(text.contains("# TYPE event_http_request_duration_seconds histogram"), "{text}");
+        assert!(
+            text.contains("event_http_request_duration_seconds_count{route=\"/health\",method=\"GET\"} 1"),
+            "{text}"
+        );
+    }
+}
