@@ -100,7 +100,7 @@ impl Servers {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    telemetry::init(&args.common.log.format);
+    let _telemetry = telemetry::init(&args.common.log.format, "event-service");
     let token = shutdown::on_signal();
     let data_dir = std::path::absolute(&args.data_dir)?;
     let servers = Servers::given_or_started(&args, &data_dir).await?;

@@ -54,13 +54,15 @@ pub struct Started {
     pub pool: PgPool,
     /// Cancelled on SIGTERM or Ctrl-C.
     pub token: CancellationToken,
+    /// Flushes the exported spans when dropped, at the end of `main`.
+    pub telemetry: telemetry::Telemetry,
 }
 
 /// The start of every single-stage binary: logging, the shutdown token, NATS and PostgreSQL
 /// connected with the topology and schema up to date, and the ops server when
 /// `EVENT_METRICS_ADDR` is set.
 pub async fn start(common: &Common, client_name: &str) -> Result<Started, ServiceError> {
-    telemetry::init(&common.log.format);
+    let telemetry = telemetry::init(&common.log.format, client_name);
     let token = shutdown::on_signal();
     let nats_url = settings::required(&common.nats.nats_url, "NATS_URL")?;
     let database_url = settings::required(&common.database.database_url, "DATABASE_URL")?;
@@ -68,7 +70,7 @@ pub async fn start(common: &Common, client_name: &str) -> Result<Started, Servic
     if let Some(addr) = common.metrics_addr {
         ops::start(addr, bus.clone(), pool.clone(), token.clone()).await?;
     }
-    Ok(Started { bus, pool, token })
+    Ok(Started { bus, pool, token, telemetry })
 }
 
 /// Connects to NATS and PostgreSQL and brings the topology and schema up to date.

@@ -28,6 +28,7 @@ use super::error::ApiError;
 use super::extract::{RawBody, parse_json};
 use crate::domain::parse::{self, Defaults};
 use crate::domain::{Event, EventSource, FieldError, event_id_from_key};
+use crate::wire::TraceContext;
 
 const STRUCTURED: &str = "application/cloudevents+json";
 const BATCHED: &str = "application/cloudevents-batch+json";
@@ -42,6 +43,7 @@ pub struct Accepted {
 
 pub async fn ingest(
     State(state): State<AppState>,
+    trace: TraceContext,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Json<Accepted>, ApiError> {
@@ -77,7 +79,7 @@ pub async fn ingest(
         messages.push((event.event_id, state.event_message(event)?));
     }
     let event_ids = messages.iter().map(|(id, _)| *id).collect();
-    super::events::publish_new(&state, "cloudevents", messages).await?;
+    super::events::publish_new(&state, "cloudevents", &trace, messages).await?;
     Ok(Json(Accepted { status: "accepted", event_ids }))
 }
 

@@ -30,7 +30,7 @@ use crate::infra::bus::Stored;
 use crate::store::events::{self as stored, StoredEvent};
 use crate::store::query::{self, EventFilter};
 use crate::store::statistics::{self, Statistics};
-use crate::wire::{Outgoing, codec, headers};
+use crate::wire::{Outgoing, TraceContext, codec, headers};
 
 /// The ingest paths of [`crate::infra::metrics::PathLabels`] this module publishes on.
 const CREATE: &str = "create";
@@ -46,24 +46,26 @@ pub struct EventView<'a> {
 
 pub async fn create(
     State(state): State<AppState>,
+    trace: TraceContext,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let event = parse::parse_event(body, &Defaults::http(Utc::now())).map_err(ApiError::Validation)?;
     let view = EventView { event: &event, status: EventStatus::Pending };
     if prefers_async(&headers) {
-        state.publish_one(CREATE, state.event_message(&event)?).await?;
+        state.publish_one(CREATE, &trace, state.event_message(&event)?).await?;
         return Ok(accepted_async(&view));
     }
     let message = state.event_message(&event)?.with_header(headers::NOTIFY, state.waiters.subject());
     let waiting = state.waiters.register(&[event.event_id]);
-    let stored = state.publish_one(CREATE, message).await?;
+    let stored = state.publish_one(CREATE, &trace, message).await?;
     let in_database = waiting.wait(&state.pool, state.store_timeout, stored.duplicate).await;
     Ok(answer(in_database, &view))
 }
 
 pub async fn batch(
     State(state): State<AppState>,
+    trace: TraceContext,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
@@ -113,12 +115,12 @@ pub async fn batch(
     }
     let views: Vec<EventView> = events.iter().map(|event| EventView { event, status: EventStatus::Pending }).collect();
     if respond_async {
-        publish_new(&state, BATCH, messages).await?;
+        publish_new(&state, BATCH, &trace, messages).await?;
         return Ok(accepted_async(&views));
     }
     let ids: Vec<Uuid> = events.iter().map(|event| event.event_id).collect();
     let waiting = state.waiters.register(&ids);
-    let seen_before = publish_new(&state, BATCH, messages).await?;
+    let seen_before = publish_new(&state, BATCH, &trace, messages).await?;
     let in_database = waiting.wait(&state.pool, state.store_timeout, seen_before).await;
     Ok(answer(in_database, &views))
 }
@@ -150,8 +152,10 @@ fn accepted_async(body: &impl Serialize) -> Response {
 pub(super) async fn publish_new(
     state: &AppState,
     path: &'static str,
-    mut messages: Vec<(Uuid, Outgoing)>,
+    trace: &TraceContext,
+    messages: Vec<(Uuid, Outgoing)>,
 ) -> Result<bool, ApiError> {
+    let mut messages: Vec<_> = messages.into_iter().map(|(id, message)| (id, message.with_trace(trace))).collect();
     let deadline = tokio::time::Instant::now() + state.store_timeout;
     let mut seen_before = false;
     loop {
@@ -194,8 +198,13 @@ fn answer(in_database: bool, body: &impl Serialize) -> Response {
 impl AppState {
     /// Publishes one event's message and counts it accepted through `path` (unless JetStream
     /// had it already).
-    pub(super) async fn publish_one(&self, path: &'static str, message: Outgoing) -> Result<Stored, ApiError> {
-        let stored = self.bus.publish(message).await?;
+    pub(super) async fn publish_one(
+        &self,
+        path: &'static str,
+        trace: &TraceContext,
+        message: Outgoing,
+    ) -> Result<Stored, ApiError> {
+        let stored = self.bus.publish(message.with_trace(trace)).await?;
         if !stored.duplicate {
             self.bus.metrics().accepted(path, 1);
         }

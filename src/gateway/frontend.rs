@@ -22,6 +22,7 @@ use super::extract::JsonBody;
 use super::sorted::{Rejected, Sorted};
 use crate::domain::parse::{self, Defaults};
 use crate::domain::{EventCategory, EventSource, FieldError, Fields, MAX_ID_CHARS};
+use crate::wire::TraceContext;
 use crate::wire::{Outgoing, codec, subjects};
 
 /// Most events in one frontend batch (BR-FE-003).
@@ -59,6 +60,7 @@ pub struct Accepted {
 
 pub async fn collect(
     State(state): State<AppState>,
+    trace: TraceContext,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
@@ -66,7 +68,7 @@ pub async fn collect(
     let client = ClientInfo::from_request(&headers, Some(peer));
     let message = frontend_message(&state, &body, &client, &Map::new(), Utc::now()).map_err(ApiError::Validation)?;
     let event_id = message.1;
-    state.publish_one("frontend", message.0).await?;
+    state.publish_one("frontend", &trace, message.0).await?;
     Ok(Json(Accepted { status: "accepted", event_id, message: "Event accepted" }))
 }
 
@@ -81,6 +83,7 @@ pub struct BatchAccepted {
 
 pub async fn collect_batch(
     State(state): State<AppState>,
+    trace: TraceContext,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
@@ -105,7 +108,7 @@ pub async fn collect_batch(
     for (index, item) in events.iter().enumerate() {
         sorted.push(index, frontend_message(&state, item, &client, &client_info, now));
     }
-    let (event_ids, rejected) = sorted.publish(&state, "frontend").await?;
+    let (event_ids, rejected) = sorted.publish(&state, "frontend", &trace).await?;
     let processed_count = event_ids.len();
     let message = format!("{} accepted, {} rejected", super::events(processed_count), rejected.len());
     Ok(Json(BatchAccepted { status: "accepted", processed_count, event_ids, rejected, message }))

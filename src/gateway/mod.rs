@@ -47,6 +47,7 @@ pub use rudderstack::signature_matches;
 use crate::domain::Secret;
 use crate::infra::bus::{Bus, BusError};
 use crate::infra::settings::GatewayArgs;
+use crate::infra::telemetry;
 use extract::BodyLimit;
 use public::ClientLimit;
 use waiters::StoredWaiters;
@@ -195,6 +196,7 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
         .layer(DefaultBodyLimit::disable())
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(axum::middleware::from_fn(observe::trace))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state))
 }
@@ -210,10 +212,18 @@ fn browser(route: MethodRouter<AppState>, bytes: usize) -> MethodRouter<AppState
     limited(route.options(|| async { axum::http::StatusCode::NO_CONTENT }), bytes)
 }
 
-/// The span every log line of a request is in: method, path and request id.
+/// The span every log line of a request is in: method, path, request id and trace id; a
+/// child of the caller's span.
 fn request_span(request: &Request) -> tracing::Span {
     let request_id = request.headers().get("x-request-id").and_then(|value| value.to_str().ok()).unwrap_or("");
-    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
+    let caller = request.extensions().get::<observe::Caller>();
+    let trace_id = caller.map(|caller| caller.0.trace_id_hex()).unwrap_or_default();
+    let span =
+        tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id, trace_id);
+    if let Some(caller) = caller {
+        telemetry::within(&span, &caller.0);
+    }
+    span
 }
 
 /// "1 event", "3 events": for answer messages.

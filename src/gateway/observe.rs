@@ -1,20 +1,56 @@
-//! What the gateway counts about every request: requests and their duration by route
-//! template, method and status, and the `/metrics` scrape itself.
+//! What the gateway observes about every request: its trace context (the caller's
+//! `traceparent`, or a new trace), requests and their duration by route template, method and
+//! status, and the `/metrics` scrape itself.
 //!
-//! Reads the matched route (never the raw path: `/api/v1/events/{event_id}` is one series);
-//! writes the process's metrics. Guarantees: label values are bounded: the route is a
-//! template of the router or `unmatched`, the method one of the standard ones or `other`.
+//! Reads the request's trace headers and the matched route (never the raw path:
+//! `/api/v1/events/{event_id}` is one series); writes the process's metrics. Guarantees:
+//! every request has a trace context its handler can take ([`TraceContext`] is an
+//! extractor); label values are bounded: the route is a template of the router or
+//! `unmatched`, the method one of the standard ones or `other`.
 
+use std::convert::Infallible;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::Method;
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use crate::infra::metrics::{HttpLabels, RouteLabels};
-use crate::infra::ops;
+use crate::infra::{ops, telemetry};
+use crate::wire::TraceContext;
+use crate::wire::trace::{TRACEPARENT, TRACESTATE};
+
+/// The trace context of whoever sent the request: the caller's, or a new trace.
+#[derive(Clone)]
+pub struct Caller(pub TraceContext);
+
+/// Gives the request its [`Caller`] context (before the request span is made, which takes it
+/// as its parent).
+pub async fn trace(mut request: Request, next: Next) -> Response {
+    let caller = caller_trace(request.headers()).unwrap_or_else(TraceContext::root);
+    request.extensions_mut().insert(Caller(caller));
+    next.run(request).await
+}
+
+/// The caller's trace context, when its `traceparent` is valid.
+fn caller_trace(headers: &HeaderMap) -> Option<TraceContext> {
+    let header = |name| headers.get(name).and_then(|value| value.to_str().ok());
+    TraceContext::parse(header(TRACEPARENT)?, header(TRACESTATE))
+}
+
+/// A handler's trace context: the request's span, within the caller's trace. What the
+/// handler publishes carries it.
+impl<S: Send + Sync> FromRequestParts<S> for TraceContext {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let caller = parts.extensions.get::<Caller>().map_or_else(TraceContext::root, |caller| caller.0.clone());
+        Ok(telemetry::in_current_span(&caller))
+    }
+}
 
 /// Counts and times one request.
 pub async fn count(State(state): State<AppState>, request: Request, next: Next) -> Response {

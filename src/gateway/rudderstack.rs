@@ -25,6 +25,7 @@ use super::sorted::{Rejected, Sorted};
 use super::tracking::mapping::{self, Origin};
 use crate::domain::EventSource;
 use crate::domain::parse::{self, Defaults};
+use crate::wire::TraceContext;
 
 #[derive(Serialize)]
 pub struct Accepted {
@@ -37,6 +38,7 @@ pub struct Accepted {
 
 pub async fn webhook(
     State(state): State<AppState>,
+    trace: TraceContext,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Json<Accepted>, ApiError> {
@@ -60,7 +62,7 @@ pub async fn webhook(
     if let Some(errors) = sorted.nothing_accepted() {
         return Err(ApiError::Validation(errors));
     }
-    let (event_ids, rejected) = sorted.publish(&state, "rudderstack").await?;
+    let (event_ids, rejected) = sorted.publish(&state, "rudderstack", &trace).await?;
     let message = format!("{} accepted, {} rejected", super::events(event_ids.len()), rejected.len());
     Ok(Json(Accepted { status: "accepted", message, event_ids, rejected }))
 }

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::ApiError;
 use crate::domain::{Event, FieldError};
-use crate::wire::Outgoing;
+use crate::wire::{Outgoing, TraceContext};
 
 /// An item that was not accepted, and why.
 #[derive(Debug, Serialize)]
@@ -54,12 +54,18 @@ impl Sorted {
         })
     }
 
-    /// Publishes the accepted items and counts them accepted through `path`; returns their
-    /// ids and the rejections.
-    pub async fn publish(self, state: &AppState, path: &'static str) -> Result<(Vec<Uuid>, Vec<Rejected>), ApiError> {
+    /// Publishes the accepted items within `trace` and counts them accepted through `path`;
+    /// returns their ids and the rejections.
+    pub async fn publish(
+        self,
+        state: &AppState,
+        path: &'static str,
+        trace: &TraceContext,
+    ) -> Result<(Vec<Uuid>, Vec<Rejected>), ApiError> {
         let mut new = 0;
         let mut failed = None;
-        for result in state.bus.publish_all(self.messages).await {
+        let messages = self.messages.into_iter().map(|message| message.with_trace(trace)).collect();
+        for result in state.bus.publish_all(messages).await {
             match result {
                 Ok(stored) => new += usize::from(!stored.duplicate),
                 Err(error) => failed = failed.or(Some(error)),

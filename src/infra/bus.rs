@@ -256,6 +256,12 @@ impl Bus {
         self.client.publish(subject, payload).await?;
         Ok(())
     }
+
+    /// [`Bus::notify`] with headers.
+    pub async fn notify_message(&self, message: Outgoing) -> Result<(), BusError> {
+        self.client.publish_with_headers(message.subject, message.headers, message.payload).await?;
+        Ok(())
+    }
 }
 
 /// The servers of a `NATS_URL`: comma-separated, blanks ignored.

@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use super::bus::{Bus, BusError};
 use super::metrics::DeadLetterLabels;
-use crate::wire::{Outgoing, Rejection, headers, subjects};
+use crate::wire::{Outgoing, Rejection, TraceContext, headers, subjects};
 
 /// The message being dead-lettered, wherever it was read from.
 pub struct Original<'a> {
@@ -57,8 +57,9 @@ pub async fn publish(bus: &Bus, stage: &str, original: Original<'_>, rejection: 
     copied.insert(headers::REASON, headers::safe_value(&rejection.detail).as_str());
     copied.insert(headers::ORIGINAL_SUBJECT, original.subject);
     copied.insert(headers::ORIGINAL_SEQUENCE, sequence.to_string().as_str());
+    let trace_id = TraceContext::from_nats(original.headers).map(|trace| trace.trace_id_hex()).unwrap_or_default();
     tracing::warn!(stage, subject = %original.subject, stream_seq = sequence, reason = rejection.code,
-        detail = %rejection.detail, "dead-lettered");
+        detail = %rejection.detail, trace_id, "dead-lettered");
     let copy =
         Outgoing { subject: subjects::deadletter_subject(stage), headers: copied, payload: original.payload.clone() };
     bus.publish(copy).await?;

@@ -78,6 +78,11 @@ impl<S: Source> Registry<S> {
                 None
             }
         };
+        // A change announced between the first load and the subscription would wait for the
+        // timer: load once more now that changes are heard.
+        if let Err(error) = self.reload().await {
+            tracing::warn!(registry = S::NAME, error = %error, "cannot reload");
+        }
         let mut timer = tokio::time::interval(RELOAD_EVERY);
         timer.tick().await;
         loop {

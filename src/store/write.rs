@@ -255,7 +255,8 @@ mod tests {
             request["stream_id"] = json!(stream);
         }
         let event = parse_event(request, &Defaults::http(chrono::Utc::now())).unwrap();
-        Incoming { event, stream_seq: seq, subject: "events.backend.user_action.t".into() }
+        let trace = crate::wire::trace::TraceContext::for_event(event.event_id);
+        Incoming { event, stream_seq: seq, subject: "events.backend.user_action.t".into(), trace }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::message::Outgoing;
+use super::trace::TraceContext;
 use super::{headers, subjects};
 use crate::domain::event::{MAX_ID_CHARS, positional_event_id};
 use crate::domain::parse::{self, Defaults, MAX_EVENT_TYPE_CHARS};
@@ -30,6 +31,8 @@ pub struct Incoming {
     pub event: Event,
     pub stream_seq: u64,
     pub subject: String,
+    /// The producer's trace context, or the one derived from the event id.
+    pub trace: TraceContext,
 }
 
 /// Why a message was refused: a stable, low-cardinality `code` and a human `detail`. Carried
@@ -81,7 +84,10 @@ pub fn decode_parts(
     seq: u64,
     published: DateTime<Utc>,
 ) -> Result<Incoming, Rejection> {
-    let incoming = |event| Incoming { event, stream_seq: seq, subject: subject.to_owned() };
+    let incoming = |event: Event| {
+        let trace = TraceContext::from_nats(headers).unwrap_or_else(|| TraceContext::for_event(event.event_id));
+        Incoming { event, stream_seq: seq, subject: subject.to_owned(), trace }
+    };
     // What the gateway published (most messages): straight into the event.
     if let Some(event) = decode_canonical(payload) {
         return Ok(incoming(event));

@@ -32,4 +32,12 @@ impl Outgoing {
         self.headers.insert(name, value);
         self
     }
+
+    /// Carries `trace` on (`traceparent`, `tracestate`): the receiver's parent is its span.
+    pub fn with_trace(mut self, trace: &super::TraceContext) -> Self {
+        for (name, value) in trace.headers() {
+            self.headers.insert(name, value.as_str());
+        }
+        self
+    }
 }

@@ -1,5 +1,6 @@
 //! The wire format between stages: stream and subject names, header names, the EVENTS
-//! message codec, the domain events on `event.>`, and the [`Outgoing`] message they build.
+//! message codec, the domain events on `event.>`, W3C trace context, and the [`Outgoing`]
+//! message they build.
 //! Nothing here does I/O; [`crate::infra::bus`] publishes what these modules build.
 
 pub mod codec;
@@ -8,6 +9,8 @@ pub mod domain_events;
 pub mod headers;
 pub mod message;
 pub mod subjects;
+pub mod trace;
 
 pub use codec::{Incoming, Rejection};
 pub use message::Outgoing;
+pub use trace::TraceContext;

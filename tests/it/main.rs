@@ -7,6 +7,7 @@ mod harness;
 mod receiver;
 
 mod api;
+mod binaries;
 mod bodies;
 mod clients;
 mod ingest;

@@ -5,13 +5,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use futures::StreamExt;
 use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::clients::python;
 use crate::harness::{TestApp, callback_args, dispatcher_args, spawn_app, wait_until};
-use crate::receiver::Receiver;
+use crate::receiver::{Received, Receiver};
 
 /// Reads a scrape with `prometheus_client.parser` and prints every sample as JSON.
 const PARSE: &str = r#"
@@ -206,4 +207,88 @@ async fn processor_runs_and_deliveries_are_counted_by_outcome() {
     for consumer in ["processor", "dispatcher"] {
         assert!(after.has("event_consumer_pending_messages", &[("consumer", consumer)]), "{consumer}");
     }
+}
+
+/// The trace id of a request's `traceparent` (and the span id), checked to be well formed.
+fn trace_of(received: &Received) -> (String, String) {
+    let header = received.headers.get("traceparent").expect("a traceparent").to_str().unwrap();
+    let parts: Vec<&str> = header.split('-').collect();
+    assert_eq!((parts.len(), parts[0], parts[1].len(), parts[2].len()), (4, "00", 32, 16), "{header}");
+    (parts[1].to_owned(), parts[2].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_and_processors_get_the_producers_trace() {
+    let mut app = spawn_app().await;
+    app.start_processor().await;
+    app.start_dispatcher(dispatcher_args(), callback_args()).await;
+    let hooks = Receiver::start().await;
+    let processor = json!({"processor_name": "t_hook", "processor_type": "webhook",
+                           "config": {"url": hooks.url("processor")}, "filters": {"event_type": "t.*"}});
+    assert_eq!(app.post("/api/v1/events/processors", &processor).await.0, StatusCode::OK);
+    let subscription = json!({"event_types": ["t.*"], "callback_url": hooks.url("subscriber")});
+    assert_eq!(app.post("/api/v1/events/subscriptions", &subscription).await.0, StatusCode::OK);
+    let service = json!({"processor_name": "t_service", "processor_type": "nats", "config": {"subject": "svc.t"},
+                         "filters": {"event_type": "t.http"}});
+    assert_eq!(app.post("/api/v1/events/processors", &service).await.0, StatusCode::OK);
+    let mut requests = app.bus_client().subscribe("svc.t").await.unwrap();
+    let client = app.bus_client().clone();
+    let (asked, mut asked_with) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(request) = requests.next().await {
+            let header = request.headers.as_ref().and_then(|h| h.get("traceparent")).map(|v| v.to_string());
+            let _ = asked.send(header);
+            if let Some(reply) = request.reply {
+                client.publish(reply, "ok".into()).await.unwrap();
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    // Over HTTP, with the producer's trace.
+    let producer_trace = "0af7651916cd43dd8448eb211c80319c";
+    let answer = app
+        .http
+        .post(app.url("/api/v1/events/create"))
+        .header("traceparent", format!("00-{producer_trace}-b7ad6b7169203331-01"))
+        .header("tracestate", "vendor=opaque")
+        .json(&json!({"event_type": "t.http"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    let http_event = answer.json::<serde_json::Value>().await.unwrap()["event_id"].as_str().unwrap().to_owned();
+    // Over NATS, with a traceparent header.
+    let native_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut headers = HeaderMap::new();
+    headers.insert("traceparent", format!("00-{native_trace}-00f067aa0ba902b7-01").as_str());
+    app.publish("events.backend.system.t.native", headers, json!({"event_type": "t.native"}).to_string().into_bytes())
+        .await;
+    // Without any: a trace is started and both calls still share it.
+    assert_eq!(app.post("/api/v1/events/create", &json!({"event_type": "t.untraced"})).await.0, StatusCode::OK);
+
+    let received = wait_until(Duration::from_secs(20), || async {
+        let received = hooks.received();
+        (received.len() >= 6).then_some(received)
+    })
+    .await
+    .expect("both calls for all three events");
+    let calls = |event_type: &str| -> Vec<(String, (String, String))> {
+        received.iter().filter(|r| r.body["event_type"] == event_type).map(|r| (r.path.clone(), trace_of(r))).collect()
+    };
+    let traced = calls("t.http");
+    assert_eq!(traced.len(), 2);
+    for (path, (trace, span)) in &traced {
+        assert_eq!(trace, producer_trace, "{path}");
+        assert_ne!(span, "b7ad6b7169203331", "{path} gets a span of its own");
+    }
+    let nats_call = tokio::time::timeout(Duration::from_secs(10), asked_with.recv()).await.unwrap().unwrap();
+    assert_eq!(nats_call.expect("a traceparent NATS header").split('-').nth(1), Some(producer_trace));
+    let delivered = received.iter().find(|r| r.path == "subscriber" && r.body["event_id"] == http_event.as_str());
+    assert_eq!(delivered.unwrap().headers["tracestate"], "vendor=opaque");
+    assert!(calls("t.native").iter().all(|(_, (trace, _))| trace == native_trace));
+    let untraced = calls("t.untraced");
+    assert_eq!(untraced.len(), 2);
+    assert_eq!(untraced[0].1.0, untraced[1].1.0, "one trace for the event, new or not");
+    assert!(![producer_trace, native_trace].contains(&untraced[0].1.0.as_str()));
 }

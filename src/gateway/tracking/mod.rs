@@ -30,6 +30,7 @@ use super::extract::{RawBody, parse_json};
 use super::sorted::{Rejected, Sorted};
 use crate::domain::FieldError;
 use crate::domain::parse::{self, Defaults};
+use crate::wire::TraceContext;
 use mapping::Origin;
 
 /// The message types `/v1/{type}` takes.
@@ -54,6 +55,7 @@ pub struct Answer {
 /// `POST /v1/{type}`: one message.
 pub async fn message(
     State(state): State<AppState>,
+    trace: TraceContext,
     Path(kind): Path<String>,
     headers: HeaderMap,
     Query(key): Query<KeyParam>,
@@ -64,13 +66,14 @@ pub async fn message(
     }
     let message = parse_json(&body).map_err(invalid)?;
     check_key(&state, &headers, key.write_key.as_deref(), message.get("writeKey"))?;
-    ingest(&state, vec![message], Some(&kind)).await
+    ingest(&state, &trace, vec![message], Some(&kind)).await
 }
 
 /// `POST /v1/batch` and `/beacon/v1/batch`: `{batch, context, integrations, sentAt, writeKey}`,
 /// the envelope's `context`, `integrations` and `sentAt` merged into each message.
 pub async fn batch(
     State(state): State<AppState>,
+    trace: TraceContext,
     headers: HeaderMap,
     Query(key): Query<KeyParam>,
     RawBody(body): RawBody,
@@ -83,11 +86,16 @@ pub async fn batch(
         return Err(ApiError::InvalidMessage(vec![FieldError::new("batch", "is required: an array of messages")]));
     };
     let items = items.into_iter().map(|item| merged(item, &envelope)).collect();
-    ingest(&state, items, None).await
+    ingest(&state, &trace, items, None).await
 }
 
 /// Maps, validates and publishes messages; answers 200 unless nothing could be accepted.
-async fn ingest(state: &AppState, messages: Vec<Value>, kind: Option<&str>) -> Result<Json<Answer>, ApiError> {
+async fn ingest(
+    state: &AppState,
+    trace: &TraceContext,
+    messages: Vec<Value>,
+    kind: Option<&str>,
+) -> Result<Json<Answer>, ApiError> {
     let received_at = Utc::now();
     let origin = Origin::Sdk { received_at };
     let defaults = Defaults::http(received_at);
@@ -103,7 +111,7 @@ async fn ingest(state: &AppState, messages: Vec<Value>, kind: Option<&str>) -> R
     if let Some(errors) = sorted.nothing_accepted() {
         return Err(ApiError::InvalidMessage(errors));
     }
-    let (event_ids, rejected) = sorted.publish(state, "tracking").await?;
+    let (event_ids, rejected) = sorted.publish(state, "tracking", trace).await?;
     Ok(Json(Answer { success: true, accepted: event_ids.len(), event_ids, rejected }))
 }
 

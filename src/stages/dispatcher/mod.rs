@@ -22,7 +22,7 @@ use crate::registry::subscriptions::{SubscriptionRegistry, SubscriptionSet};
 use crate::store::deliveries;
 use crate::wire::deliveries::{self as delivery, DeliveryKey};
 use crate::wire::subjects::streams;
-use crate::wire::{Outgoing, codec};
+use crate::wire::{Outgoing, TraceContext, codec};
 
 pub const STAGE: &str = "dispatcher";
 /// Most events matched in one batch.
@@ -65,7 +65,7 @@ impl BatchHandler for Handler {
         for (position, message) in batch.messages.iter().enumerate() {
             // Undecodable events are the persister's to dead-letter.
             let Ok(incoming) = codec::decode(message) else { continue };
-            for delivery in deliveries_of(&set, &incoming.event) {
+            for delivery in deliveries_of(&set, &incoming.event, &incoming.trace) {
                 outgoing.push(delivery);
                 owners.push(position);
             }
@@ -80,8 +80,9 @@ impl BatchHandler for Handler {
     }
 }
 
-/// The first delivery of an event to every subscription that takes it.
-fn deliveries_of(set: &SubscriptionSet, event: &Event) -> Vec<Outgoing> {
+/// The first delivery of an event to every subscription that takes it, within the event's
+/// trace.
+fn deliveries_of(set: &SubscriptionSet, event: &Event, trace: &TraceContext) -> Vec<Outgoing> {
     let mut matching = set.matching(event).peekable();
     if matching.peek().is_none() {
         return Vec::new();
@@ -95,7 +96,7 @@ fn deliveries_of(set: &SubscriptionSet, event: &Event) -> Vec<Outgoing> {
                 event_id: event.event_id,
                 base: 0,
             };
-            delivery::encode(&key, payload.clone(), &delivery::first_message_id(&key))
+            delivery::encode(&key, payload.clone(), &delivery::first_message_id(&key)).with_trace(trace)
         })
         .collect()
 }

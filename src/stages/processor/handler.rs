@@ -20,7 +20,7 @@ use crate::infra::settings::ProcessorArgs;
 use crate::registry::processors::Runnable;
 use crate::stages::watermark::Watermark;
 use crate::store::processing::{self, StatusChange};
-use crate::wire::codec;
+use crate::wire::{TraceContext, codec};
 
 /// How long the status write waits for the persister before NAKing what is not stored yet.
 const STORE_WAIT: Duration = Duration::from_secs(1);
@@ -45,6 +45,7 @@ struct Work {
     seq: u64,
     event: Event,
     payload: Bytes,
+    trace: TraceContext,
     /// Processors that take it.
     matching: Vec<Arc<Runnable>>,
     /// (processor, attempt) still to run, in order.
@@ -100,12 +101,13 @@ impl Handler {
                 true => Bytes::new(),
                 false => serde_json::to_vec(&incoming.event).map_or_else(|_| message.payload.clone(), Bytes::from),
             };
-            let (event, seq) = (incoming.event, incoming.stream_seq);
+            let (event, seq, trace) = (incoming.event, incoming.stream_seq, incoming.trace);
             work.push(Work {
                 position,
                 seq,
                 event,
                 payload,
+                trace,
                 matching,
                 to_run: Vec::new(),
                 earlier: Earlier::default(),
@@ -151,8 +153,9 @@ impl Handler {
             .map(|group| async move {
                 let mut done = Vec::with_capacity(group.len());
                 for item in group {
-                    let ran =
-                        runner.run_in_order(&item.event, &item.payload, &item.to_run, "", verdict::last_attempt).await;
+                    let ran = runner
+                        .run_in_order(&item.event, &item.payload, &item.to_run, "", &item.trace, verdict::last_attempt)
+                        .await;
                     done.push((item.event.event_id, ran));
                 }
                 done

@@ -11,15 +11,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
+use tracing::Instrument;
 
 use super::verdict::{self, Ran, RunOutcome};
 use crate::domain::{Event, ResultStatus};
 use crate::infra::bus::Bus;
 use crate::infra::callback::{self, Callbacks, Posted, Verdict};
 use crate::infra::metrics::RunLabels;
+use crate::infra::telemetry;
 use crate::registry::processors::{Action, Runnable};
 use crate::store::processing::RunResult;
-use crate::wire::{Outgoing, headers};
+use crate::wire::{Outgoing, TraceContext, headers};
 
 const CAPTURE_CACHE_FOR: Duration = Duration::from_secs(30);
 
@@ -45,19 +47,23 @@ impl Runner {
         payload: &Bytes,
         processors: &[(Arc<Runnable>, i32)],
         run_id: &str,
+        trace: &TraceContext,
         last_attempt: impl Fn(&Runnable, i32) -> bool,
     ) -> Vec<Ran> {
         let mut ran = Vec::with_capacity(processors.len());
         for (runnable, attempt) in processors {
             let started = Instant::now();
-            let outcome = self.run(runnable, event, payload, run_id).await;
+            let span = tracing::info_span!("processor_run", processor = runnable.name(), event_id = %event.event_id,
+                trace_id = %trace.trace_id_hex());
+            let call = telemetry::within(&span, trace);
+            let outcome = self.run(runnable, event, payload, run_id, &call).instrument(span).await;
             let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
             let status = verdict::result_status(&outcome, last_attempt(runnable, *attempt));
             let labels = RunLabels { processor: runnable.name().to_owned(), outcome: status.as_str() };
             self.bus.metrics().processor_runs.get_or_create(&labels).inc();
             if status != ResultStatus::Success {
-                tracing::info!(event_id = %event.event_id, processor = runnable.name(), attempt, status = %status,
-                    message = outcome.message(), "processor did not succeed");
+                tracing::info!(event_id = %event.event_id, trace_id = %trace.trace_id_hex(), processor = runnable.name(),
+                    attempt, status = %status, message = outcome.message(), "processor did not succeed");
             }
             ran.push(Ran {
                 retry_after: outcome.retry_after(),
@@ -78,15 +84,26 @@ impl Runner {
         ran
     }
 
-    /// Runs one processor on one event. `payload` is the event's JSON.
-    async fn run(&self, runnable: &Runnable, event: &Event, payload: &Bytes, run_id: &str) -> RunOutcome {
+    /// Runs one processor on one event. `payload` is the event's JSON; every call carries
+    /// `trace` on.
+    async fn run(
+        &self,
+        runnable: &Runnable,
+        event: &Event,
+        payload: &Bytes,
+        run_id: &str,
+        trace: &TraceContext,
+    ) -> RunOutcome {
         match &runnable.action {
             Action::Webhook { url, secret, timeout } => {
                 let webhook_id = format!("{}.{}", event.event_id, runnable.name());
+                let trace_headers = trace.headers();
+                let mut headers = vec![("event-service-processor", runnable.name())];
+                headers.extend(trace_headers.iter().map(|(name, value)| (*name, value.as_str())));
                 let request = callback::Request {
                     url,
                     body: payload,
-                    headers: vec![("event-service-processor", runnable.name())],
+                    headers,
                     timeout: Some(*timeout),
                     signed: secret.as_ref().map(|secret| (secret.expose(), webhook_id.as_str())),
                 };
@@ -100,11 +117,13 @@ impl Runner {
                     },
                 }
             }
-            Action::Request { subject, timeout } => self.request(runnable, event, payload, subject, *timeout).await,
+            Action::Request { subject, timeout } => {
+                self.request(runnable, event, payload, (subject, *timeout), trace).await
+            }
             Action::Publish { template } => {
                 let subject = Action::publish_subject(template, event);
                 let message_id = format!("{}.{}.{run_id}", event.event_id, runnable.name());
-                match self.publish(subject.clone(), &message_id, payload).await {
+                match self.publish(subject.clone(), &message_id, payload, trace).await {
                     Ok(Some(sequence)) => {
                         RunOutcome::Succeeded(format!("published to {subject} (stream sequence {sequence})"))
                     }
@@ -120,10 +139,13 @@ impl Runner {
         runnable: &Runnable,
         event: &Event,
         payload: &Bytes,
-        subject: &str,
-        timeout: Duration,
+        (subject, timeout): (&str, Duration),
+        trace: &TraceContext,
     ) -> RunOutcome {
         let mut request_headers = async_nats::HeaderMap::new();
+        for (name, value) in trace.headers() {
+            request_headers.insert(name, value.as_str());
+        }
         request_headers.insert(headers::EVENT_ID, event.event_id.to_string().as_str());
         request_headers.insert(headers::PROCESSOR, runnable.name());
         let request = self.bus.client().request_with_headers(subject.to_owned(), request_headers, payload.clone());
@@ -164,12 +186,14 @@ impl Runner {
         subject: String,
         message_id: &str,
         payload: &Bytes,
+        trace: &TraceContext,
     ) -> Result<Option<u64>, crate::infra::bus::BusError> {
-        if self.is_captured(&subject).await {
-            let message = Outgoing::with_id(subject, message_id, payload.clone());
+        let captured = self.is_captured(&subject).await;
+        let message = Outgoing::with_id(subject, message_id, payload.clone()).with_trace(trace);
+        if captured {
             Ok(Some(self.bus.publish(message).await?.sequence))
         } else {
-            self.bus.notify(subject, payload.clone()).await?;
+            self.bus.notify_message(message).await?;
             Ok(None)
         }
     }

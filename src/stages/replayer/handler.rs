@@ -20,7 +20,7 @@ use crate::store::events::StoredEvent;
 use crate::store::processing::{self, StatusChange};
 use crate::store::replay_jobs::{self, Job};
 use crate::wire::domain_events::{DomainEvent, ReplayCompleted};
-use crate::wire::subjects;
+use crate::wire::{TraceContext, subjects};
 
 /// Events replayed (and recorded) per step.
 const PAGE: i64 = 200;
@@ -111,7 +111,9 @@ impl JobHandler {
                 Some(names) => names.iter().filter_map(|name| set.by_name(name)).map(|p| (p, 1)).collect(),
                 None => set.matching(&event).into_iter().map(|p| (p, 1)).collect(),
             };
-            let ran = runner.run_in_order(&event, &payload, &processors, &run_id, |_, _| true).await;
+            // The producer's trace is not stored; the replay names the event's own.
+            let trace = TraceContext::for_event(event.event_id);
+            let ran = runner.run_in_order(&event, &payload, &processors, &run_id, &trace, |_, _| true).await;
             let mut ok = ran.iter().all(|ran| ran.result.status == ResultStatus::Success);
             if let Some(target) = &job.target_service {
                 let subject = subjects::replay_subject(
@@ -121,7 +123,7 @@ impl JobHandler {
                     &event.event_type,
                 );
                 let message_id = format!("{}.{run_id}", event.event_id);
-                if let Err(error) = runner.publish(subject, &message_id, &payload).await {
+                if let Err(error) = runner.publish(subject, &message_id, &payload, &trace).await {
                     tracing::warn!(stage = STAGE, replay_id = %job.replay_id, event_id = %event.event_id, %error,
                         "cannot republish for the target service");
                     ok = false;

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use chrono::Utc;
 use futures::StreamExt;
 use sqlx::PgPool;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::STAGE;
@@ -20,9 +21,11 @@ use crate::infra::callback::{self, Callbacks, Posted};
 use crate::infra::consume::{Batch, BatchHandler, Handled, Outcome, Transient};
 use crate::infra::metrics::DeliveryLabels;
 use crate::infra::settings::DispatcherArgs;
+use crate::infra::telemetry;
 use crate::registry;
 use crate::registry::subscriptions::{Subscription, SubscriptionRegistry, Subscriptions};
 use crate::store::deliveries::{self, NewAttempt, Outcomes};
+use crate::wire::TraceContext;
 use crate::wire::deliveries::{self as delivery, DeliveryKey};
 use crate::wire::domain_events::{DomainEvent, SubscriptionDisabled};
 
@@ -99,7 +102,12 @@ impl Handler {
                         return Attempted::unrecorded(Outcome::Ack);
                     };
                     let attempt = prior.get(&(key.subscription_id.clone(), key.event_id)).copied().unwrap_or(0) + 1;
-                    self.deliver(subscription, key, attempt, &message.payload).await
+                    let trace = TraceContext::from_nats(message.headers.as_ref())
+                        .unwrap_or_else(|| TraceContext::for_event(key.event_id));
+                    let span = tracing::info_span!("delivery", subscription_id = %key.subscription_id,
+                        event_id = %key.event_id, trace_id = %trace.trace_id_hex());
+                    let call = telemetry::within(&span, &trace);
+                    self.deliver(subscription, key, attempt, &message.payload, &call).instrument(span).await
                 }
             })
             .collect();
@@ -120,7 +128,14 @@ impl Handler {
     }
 
     /// One attempt (or the decision not to make one).
-    async fn deliver(&self, subscription: &Subscription, key: &DeliveryKey, attempt: i32, body: &Bytes) -> Attempted {
+    async fn deliver(
+        &self,
+        subscription: &Subscription,
+        key: &DeliveryKey,
+        attempt: i32,
+        body: &Bytes,
+        trace: &TraceContext,
+    ) -> Attempted {
         let id = &subscription.subscription_id;
         let webhook_id = format!("msg_{}", key.event_id.simple());
         let row = |status, code, duration_ms, error, retry_in: Option<std::time::Duration>| NewAttempt {
@@ -146,10 +161,13 @@ impl Handler {
             let wait = (wait + std::time::Duration::from_millis(5)).mul_f64(1.0 + jitter());
             return Attempted::unrecorded(Outcome::Retry { after: wait });
         }
+        let trace_headers = trace.headers();
+        let mut headers = vec![("event-service-subscription", id.as_str())];
+        headers.extend(trace_headers.iter().map(|(name, value)| (*name, value.as_str())));
         let request = callback::Request {
             url: &url,
             body,
-            headers: vec![("event-service-subscription", id.as_str())],
+            headers,
             timeout: None,
             signed: Some((subscription.webhook_secret.expose(), webhook_id.as_str())),
         };
@@ -164,6 +182,10 @@ impl Handler {
                 (answer.status, answer.duration_ms, error)
             }
         };
+        if decision.status != DeliveryStatus::Delivered {
+            tracing::info!(stage = STAGE, subscription_id = %id, event_id = %key.event_id, trace_id = %trace.trace_id_hex(),
+                attempt, status = %decision.status, error = error.as_deref().unwrap_or(""), "delivery did not succeed");
+        }
         let row = row(decision.status, code, duration_ms, error, decision.retry_in);
         let disable = decision.disable.map(|reason| format!("{reason} on {}", Utc::now().to_rfc3339()));
         Attempted { row: Some(row), outcome: decision.outcome, disable }
