@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The event-service binaries on Debian slim. Migrations and the JetStream topology are embedded
+# Every event-service binary on Debian slim. Migrations and the JetStream topology are embedded
 # in the binaries at build time, so the runtime image needs nothing else.
 
 FROM rust:1.95-bookworm AS builder
@@ -15,13 +15,15 @@ COPY jetstream jetstream
 COPY docs docs
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/build/target \
-    cargo build --release --locked -p event-service --bin event-service --bin event-gateway --bin event-persister \
+    cargo build --release --locked -p event-service --bins \
     && mkdir -p /out \
-    && cp target/release/event-service target/release/event-gateway target/release/event-persister /out/
+    && cp target/release/event-service target/release/event-gateway target/release/event-persister \
+          target/release/event-processor target/release/event-dispatcher target/release/event-projector \
+          target/release/event-cluster /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --user-group --uid 10001 --create-home --home-dir /var/lib/event-service \
        --shell /usr/sbin/nologin event-service
@@ -31,6 +33,7 @@ WORKDIR /var/lib/event-service
 ENV EVENT_HTTP_ADDR=0.0.0.0:8230 \
     EVENT_LOG_FORMAT=json
 EXPOSE 8230
-# event-gateway and event-persister are in the image too: override the entrypoint to run a
-# single stage.
+# Every stage's binary is in the image (event-gateway, event-persister, event-processor,
+# event-dispatcher, event-projector): override the entrypoint to run a single stage, as
+# compose.yaml does. curl is there for health checks.
 ENTRYPOINT ["event-service"]

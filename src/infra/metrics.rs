@@ -303,4 +303,87 @@ mod tests {
             "{text}"
         );
     }
+
+    /// Every family with one sample, so that a scrape declares them all.
+    async fn every_family() -> String {
+        let metrics = Metrics::new();
+        let route = || RouteLabels { route: "/health".into(), method: "GET".into() };
+        metrics
+            .http_requests
+            .get_or_create(&HttpLabels { route: "/health".into(), method: "GET".into(), status: 200 })
+            .inc();
+        metrics.http_duration.get_or_create(&route()).observe(0.001);
+        metrics.accepted("create", 1);
+        let stage = StageLabels { stage: "persister" };
+        metrics.stage_batches.get_or_create(&stage).inc();
+        metrics.stage_messages.get_or_create(&OutcomeLabels { stage: "persister", outcome: "ack" }).inc();
+        metrics.stage_handle_duration.get_or_create(&stage).observe(0.001);
+        metrics.stage_held.get_or_create(&stage).inc();
+        let consumer = ConsumerLabels { stream: "EVENTS".into(), consumer: "persister".into() };
+        metrics.consumer_pending.get_or_create(&consumer).set(0);
+        metrics.consumer_ack_pending.get_or_create(&consumer).set(0);
+        metrics.processor_runs.get_or_create(&RunLabels { processor: "p".into(), outcome: "success" }).inc();
+        metrics.deliveries.get_or_create(&DeliveryLabels { outcome: "delivered" }).inc();
+        metrics.dead_letters.get_or_create(&DeadLetterLabels { stage: "persister", reason: "invalid_json" }).inc();
+        metrics.db_connections.get_or_create(&PoolLabels { state: "idle" }).set(1);
+        metrics.scrape().await
+    }
+
+    /// The sample names a scrape's `# TYPE` lines promise.
+    fn sample_names(scrape: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        for line in scrape.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let ["#", "TYPE", family, kind] = words.as_slice() {
+                let suffixes: &[&str] = match *kind {
+                    "counter" if !family.ends_with("_total") => &["_total"],
+                    "histogram" => &["_bucket", "_sum", "_count"],
+                    _ => &[""],
+                };
+                names.extend(suffixes.iter().map(|suffix| format!("{family}{suffix}")));
+            }
+        }
+        names
+    }
+
+    #[tokio::test]
+    async fn the_readme_documents_every_metric_and_nothing_else() {
+        let names = sample_names(&every_family().await);
+        let readme = include_str!("../../README.md");
+        let section = readme.split("### Metrics").nth(1).and_then(|rest| rest.split("\n#").next()).unwrap_or("");
+        let mut documented: Vec<String> = section
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `event_"))
+            .filter_map(|rest| rest.split('`').next())
+            .map(|name| format!("event_{name}"))
+            .collect();
+        let mut exposed: Vec<String> = names
+            .into_iter()
+            .filter(|name| !name.ends_with("_bucket") && !name.ends_with("_sum"))
+            .map(|name| name.trim_end_matches("_count").to_owned())
+            .collect();
+        documented.sort();
+        exposed.sort();
+        assert_eq!(documented, exposed);
+    }
+
+    #[tokio::test]
+    async fn the_dashboard_asks_for_metrics_that_exist() {
+        let names = sample_names(&every_family().await);
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../deploy/grafana/dashboards/event-service.json")).unwrap();
+        let mut asked = 0;
+        for target in
+            dashboard["panels"].as_array().unwrap().iter().flat_map(|panel| panel["targets"].as_array().unwrap())
+        {
+            let expr = target["expr"].as_str().unwrap();
+            for word in
+                expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("event_"))
+            {
+                asked += 1;
+                assert!(names.iter().any(|name| name == word), "the dashboard asks for {word}: {expr}");
+            }
+        }
+        assert!(asked >= 10, "{asked}");
+    }
 }

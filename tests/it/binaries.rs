@@ -117,3 +117,136 @@ async fn spans_go_to_the_otlp_endpoint_and_logs_name_the_trace() {
     let callback = hooks.received().into_iter().next().expect("the processor was called");
     assert!(callback.headers["traceparent"].to_str().unwrap().contains(trace_id));
 }
+
+/// `scripts/cluster` running, and stopped (as Ctrl-C does) when dropped.
+struct Cluster {
+    child: tokio::process::Child,
+    description: Value,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("evsvc-cluster-").tempdir().unwrap();
+        let binaries = std::path::Path::new(env!("CARGO_BIN_EXE_event-cluster")).parent().unwrap().to_owned();
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster");
+        let child = tokio::process::Command::new(script)
+            .env("EVENT_BIN_DIR", binaries)
+            .env("EVENT_CLUSTER_DIR", dir.path())
+            .env("EVENT_CLUSTER_PORT", "0")
+            .env("NATS_SERVER_BIN", nats_server_bin())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let described = dir.path().join("cluster.json");
+        let mut cluster = Self { child, description: Value::Null, _dir: dir };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        let description = loop {
+            assert!(cluster.child.try_wait().unwrap().is_none(), "scripts/cluster exited at start");
+            if let Some(description) =
+                std::fs::read(&described).ok().and_then(|text| serde_json::from_slice::<Value>(&text).ok())
+            {
+                break description;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "every stage of the cluster gets ready in time");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        cluster.description = description;
+        cluster
+    }
+
+    fn url(&self, stage: &str) -> String {
+        self.description["stages"][stage].as_str().unwrap().to_owned()
+    }
+
+    /// Ctrl-C, and the exit status.
+    async fn interrupt(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap() as i32;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        tokio::time::timeout(Duration::from_secs(90), self.child.wait()).await.expect("stops in time").unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_runs_every_stage_as_a_process_on_three_nats_servers() {
+    let cluster = Cluster::start().await;
+    event_service::infra::callback::install_crypto_provider();
+    let http = reqwest::Client::new();
+    let stages = cluster.description["stages"].as_object().unwrap().clone();
+    assert_eq!(stages.len(), 9, "{stages:?}");
+
+    // In through one gateway, out through the other.
+    let created = http
+        .post(format!("{}/api/v1/events/create", cluster.url("gateway-1")))
+        .json(&json!({"event_type": "cluster.checked", "user_id": "u-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::OK, "stored before the answer (read-your-writes)");
+    let event_id = created.json::<Value>().await.unwrap()["event_id"].as_str().unwrap().to_owned();
+    let read = http.get(format!("{}/api/v1/events/{event_id}", cluster.url("gateway-2"))).send().await.unwrap();
+    assert_eq!(read.status(), StatusCode::OK);
+    assert_eq!(read.json::<Value>().await.unwrap()["event_type"], "cluster.checked");
+
+    for (name, url) in &stages {
+        let url = url.as_str().unwrap();
+        let ready = http.get(format!("{url}/health/ready")).send().await.unwrap();
+        assert_eq!(ready.status(), StatusCode::OK, "{name}");
+        let metrics = http.get(format!("{url}/metrics")).send().await.unwrap();
+        assert_eq!(metrics.status(), StatusCode::OK, "{name}");
+        let text = metrics.text().await.unwrap();
+        assert!(text.contains("# TYPE event_db_pool_connections gauge"), "{name}: {text}");
+    }
+    let persister =
+        http.get(format!("{}/metrics", cluster.url("persister"))).send().await.unwrap().text().await.unwrap();
+    assert!(persister.contains("event_stage_messages_total{stage=\"persister\",outcome=\"ack\"} 1"), "{persister}");
+    let gateway = http.get(format!("{}/metrics", cluster.url("gateway-1"))).send().await.unwrap().text().await.unwrap();
+    assert!(gateway.contains("event_events_accepted_total{path=\"create\"} 1"), "{gateway}");
+
+    // Every stream on three replicas.
+    let nats_url = cluster.description["nats"].as_str().unwrap().to_owned();
+    let servers: Vec<&str> = nats_url.split(',').collect();
+    let client = async_nats::connect(servers.as_slice()).await.unwrap();
+    let mut events = async_nats::jetstream::new(client).get_stream("EVENTS").await.unwrap();
+    let info = events.info().await.unwrap();
+    assert_eq!(info.config.num_replicas, 3);
+    assert_eq!(info.cluster.as_ref().map(|cluster| cluster.replicas.len()), Some(2), "a leader and two replicas");
+
+    let status = cluster.interrupt().await;
+    assert!(status.success(), "Ctrl-C stops the cluster cleanly: {status}");
+}
+
+#[test]
+fn the_image_ships_every_binary_and_compose_runs_every_stage() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
+    let manifest = read("Cargo.toml");
+    let binaries: Vec<&str> = manifest
+        .lines()
+        .filter_map(|line| line.strip_prefix("name = \"event-"))
+        .filter_map(|rest| rest.strip_suffix('"'))
+        .collect();
+    assert!(binaries.len() >= 7, "{binaries:?}");
+    let dockerfile = read("Dockerfile");
+    for binary in &binaries {
+        assert!(dockerfile.contains(&format!("target/release/event-{binary}")), "the image lacks event-{binary}");
+    }
+    let compose = read("compose.yaml");
+    let prometheus = read("deploy/prometheus.yml");
+    for (stage, instances) in [("gateway", 2), ("persister", 1), ("processor", 2), ("dispatcher", 2), ("projector", 2)]
+    {
+        assert!(compose.contains(&format!("entrypoint: [\"event-{stage}\"]")), "compose runs no {stage}");
+        let services: Vec<String> = match instances {
+            1 => vec![stage.to_owned()],
+            n => (1..=n).map(|index| format!("{stage}-{index}")).collect(),
+        };
+        for service in services {
+            assert!(compose.contains(&format!("\n  {service}:\n")), "compose has no service {service}");
+            assert!(prometheus.contains(&format!("\"{service}:")), "Prometheus does not scrape {service}");
+        }
+    }
+    assert!(compose.contains("EVENT_STREAM_REPLICAS: \"3\""));
+}

@@ -1,11 +1,9 @@
-//! Private servers for the one-command local run and the integration tests: a `nats-server`
-//! with JetStream and a PostgreSQL cluster, each in a folder of its own, on free loopback ports.
+//! A private PostgreSQL cluster: `initdb` once, then `postgres` on a free loopback port, as an
+//! unprivileged user when we are root.
 //!
-//! Writes only under the folders it is given. Guarantees: the servers die with the process
-//! that started them (parent-death signal), even when it is killed; PostgreSQL runs as an
-//! unprivileged user when we are root, because `initdb` refuses root.
+//! Writes only under its folder. Guarantees: the server dies with the process that started it.
 
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -14,112 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-/// A running nats-server.
-pub struct LocalNats {
-    child: Child,
-    pub url: String,
-    pub monitor_url: String,
-    store_dir: PathBuf,
-}
-
-impl LocalNats {
-    /// Starts `nats-server -js` storing under `dir`, on `port` (0: any free port), and waits
-    /// until JetStream is ready.
-    pub fn start(binary: &Path, dir: &Path, port: u16) -> anyhow::Result<Self> {
-        let store_dir = dir.join("jetstream");
-        let ports_dir = dir.join("ports");
-        fs::create_dir_all(&store_dir)?;
-        let _ = fs::remove_dir_all(&ports_dir);
-        fs::create_dir_all(&ports_dir)?;
-        let log = File::create(dir.join("nats-server.log"))?;
-        let port_arg = if port == 0 { "-1".to_owned() } else { port.to_string() };
-        let mut command = Command::new(binary);
-        command
-            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-m", "-1", "-sd"])
-            .arg(&store_dir)
-            .arg("--ports_file_dir")
-            .arg(&ports_dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        die_with_parent(&mut command);
-        let child =
-            command.spawn().with_context(|| format!("cannot start {} (set NATS_SERVER_BIN)", binary.display()))?;
-        let mut server = Self { child, url: String::new(), monitor_url: String::new(), store_dir };
-        let ports = server.wait_for_ports(&ports_dir)?;
-        server.url = ports.client;
-        server.monitor_url = ports.monitoring;
-        server.wait_until_ready()?;
-        Ok(server)
-    }
-
-    fn wait_for_ports(&mut self, ports_dir: &Path) -> anyhow::Result<Ports> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("nats-server exited with {status}; see its log beside {}", self.store_dir.display());
-            }
-            let file = fs::read_dir(ports_dir)?
-                .flatten()
-                .find(|entry| entry.file_name().to_string_lossy().ends_with(".ports"));
-            if let Some(file) = file {
-                let text = fs::read_to_string(file.path())?;
-                if let Ok(ports) = serde_json::from_str::<PortsFile>(&text)
-                    && let (Some(client), Some(monitoring)) =
-                        (ports.nats.into_iter().next(), ports.monitoring.into_iter().next())
-                {
-                    return Ok(Ports { client, monitoring });
-                }
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        bail!("nats-server did not report its ports in time")
-    }
-
-    fn wait_until_ready(&self) -> anyhow::Result<()> {
-        let address = self.monitor_url.trim_start_matches("http://").to_owned();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if http_get_ok(&address, "/healthz?js-enabled-only=true") {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        bail!("nats-server JetStream did not become ready")
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Stops the server and waits for it.
-    pub fn stop(&mut self) {
-        signal(self.child.id(), libc::SIGTERM);
-        if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Drop for LocalNats {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-struct Ports {
-    client: String,
-    monitoring: String,
-}
-
-#[derive(serde::Deserialize)]
-struct PortsFile {
-    #[serde(default)]
-    nats: Vec<String>,
-    #[serde(default)]
-    monitoring: Vec<String>,
-}
+use super::{die_with_parent, free_port, signal, wait_timeout};
 
 /// A PostgreSQL cluster in a folder of its own.
 pub struct LocalPostgres {
@@ -330,54 +223,4 @@ fn as_owner(command: &mut Command, owner: Option<(u32, u32)>) {
     if let Some((uid, gid)) = owner {
         command.uid(uid).gid(gid);
     }
-}
-
-/// The child gets SIGQUIT when the thread that started it dies. The uid change happens
-/// before this runs, since a credential change clears the setting.
-fn die_with_parent(command: &mut Command) {
-    // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-fn signal(pid: u32, signal: libc::c_int) {
-    // SAFETY: sending a signal to a child we own.
-    unsafe {
-        libc::kill(pid as libc::pid_t, signal);
-    }
-}
-
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-/// A port that was free a moment ago.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn http_get_ok(address: &str, path: &str) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(address) else { return false };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
 }
