@@ -70,14 +70,23 @@ impl TraceContext {
         Self { span_id: random_span_id(), ..self.clone() }
     }
 
-    /// The `traceparent` header value (version 00).
+    /// The `traceparent` header value (version 00). On every message: no formatting machinery.
     pub fn traceparent(&self) -> String {
-        format!("00-{}-{}-{:02x}", self.trace_id_hex(), to_hex(&self.span_id), self.flags)
+        let mut value = String::with_capacity(55);
+        value.push_str("00-");
+        push_hex(&mut value, &self.trace_id);
+        value.push('-');
+        push_hex(&mut value, &self.span_id);
+        value.push('-');
+        push_hex(&mut value, &[self.flags]);
+        value
     }
 
     /// The trace id as 32 lowercase hex digits, as logs and tracing back ends show it.
     pub fn trace_id_hex(&self) -> String {
-        to_hex(&self.trace_id)
+        let mut hex = String::with_capacity(32);
+        push_hex(&mut hex, &self.trace_id);
+        hex
     }
 
     /// The context of a NATS message's headers, if it carries a valid one.
@@ -117,8 +126,12 @@ fn hex<const N: usize>(text: &str) -> Option<[u8; N]> {
     Some(bytes)
 }
 
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+fn push_hex(text: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
 }
 
 #[cfg(test)]
