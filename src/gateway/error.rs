@@ -43,10 +43,26 @@ pub enum ApiError {
     BadRequest(String),
     #[error("event bus unavailable")]
     Bus(#[from] BusError),
+    /// The events went to JetStream and no acknowledgement came back: stored or not, nobody
+    /// knows. The client retries with these ids, which is idempotent.
+    #[error("outcome unknown")]
+    OutcomeUnknown { event_ids: Vec<uuid::Uuid> },
     #[error("database error")]
     Database(#[from] sqlx::Error),
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApiError {
+    /// A failed publish of these events: outcome unknown when they went out unanswered,
+    /// otherwise nothing was accepted.
+    pub fn publish_failed(error: BusError, event_ids: impl FnOnce() -> Vec<uuid::Uuid>) -> Self {
+        if error.is_outcome_unknown() {
+            ApiError::OutcomeUnknown { event_ids: event_ids() }
+        } else {
+            ApiError::Bus(error)
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -55,6 +71,8 @@ struct Body<'a> {
     detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     errors: Option<&'a [FieldError]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_ids: Option<&'a [uuid::Uuid]>,
 }
 
 impl ApiError {
@@ -120,7 +138,18 @@ impl IntoResponse for ApiError {
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "nats_unavailable",
-                    "The event bus did not accept the event; nothing was stored. Retry later.".to_owned(),
+                    "The event bus did not accept the events; nothing was accepted. Retry later.".to_owned(),
+                    None,
+                )
+            }
+            ApiError::OutcomeUnknown { event_ids } => {
+                tracing::warn!(events = event_ids.len(), "no acknowledgement from the event bus; outcome unknown");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "outcome_unknown",
+                    "The event bus did not answer in time: the events may or may not be stored. Retry with the same \
+                     event_ids (listed here); a retry is idempotent."
+                        .to_owned(),
                     None,
                 )
             }
@@ -142,7 +171,11 @@ impl IntoResponse for ApiError {
             },
             ApiError::Internal(error) => internal(error.as_ref()),
         };
-        let mut response = (status, axum::Json(Body { code, detail, errors })).into_response();
+        let event_ids = match &self {
+            ApiError::OutcomeUnknown { event_ids } => Some(event_ids.as_slice()),
+            _ => None,
+        };
+        let mut response = (status, axum::Json(Body { code, detail, errors, event_ids })).into_response();
         match &self {
             ApiError::Unauthorized => {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -206,5 +239,22 @@ mod tests {
         assert_eq!(status(ApiError::Database(sqlx::Error::RowNotFound)), (StatusCode::INTERNAL_SERVER_ERROR, None));
         let decode = sqlx::Error::ColumnDecode { index: "status".into(), source: "unknown EventStatus".into() };
         assert_eq!(status(ApiError::Database(decode)), (StatusCode::INTERNAL_SERVER_ERROR, None));
+    }
+
+    #[test]
+    fn a_publish_failure_says_whether_anything_was_accepted() {
+        let refused = ApiError::publish_failed(BusError::Disconnected, Vec::new);
+        assert!(matches!(refused, ApiError::Bus(BusError::Disconnected)));
+        assert_eq!(status(refused), (StatusCode::SERVICE_UNAVAILABLE, Some("1".to_owned())));
+        let id = uuid::Uuid::now_v7();
+        let unknown = ApiError::OutcomeUnknown { event_ids: vec![id] };
+        assert_eq!(status(ApiError::OutcomeUnknown { event_ids: vec![id] }).0, StatusCode::SERVICE_UNAVAILABLE);
+        let body =
+            futures::executor::block_on(axum::body::to_bytes(unknown.into_response().into_body(), 4096)).unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (body["code"].as_str(), body["event_ids"][0].as_str()),
+            (Some("outcome_unknown"), Some(id.to_string().as_str()))
+        );
     }
 }

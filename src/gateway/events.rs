@@ -166,7 +166,9 @@ pub(super) async fn publish_new(
                 return Ok(seen_before);
             }
             Err(error) if error.is_duplicate_in_batch() => error,
-            Err(error) => return Err(error.into()),
+            Err(error) => {
+                return Err(ApiError::publish_failed(error, || messages.iter().map(|(id, _)| *id).collect()));
+            }
         };
         seen_before = true;
         let ids: Vec<Uuid> = messages.iter().map(|(id, _)| *id).collect();
@@ -204,7 +206,12 @@ impl AppState {
         trace: &TraceContext,
         message: Outgoing,
     ) -> Result<Stored, ApiError> {
-        let stored = self.bus.publish(message.with_trace(trace)).await?;
+        let event_id = message.event_id();
+        let stored = self
+            .bus
+            .publish(message.with_trace(trace))
+            .await
+            .map_err(|error| ApiError::publish_failed(error, || event_id.into_iter().collect()))?;
         if !stored.duplicate {
             self.bus.metrics().accepted(path, 1);
         }

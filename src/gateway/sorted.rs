@@ -73,7 +73,7 @@ impl Sorted {
         }
         state.bus.metrics().accepted(path, new);
         match failed {
-            Some(error) => Err(error.into()),
+            Some(error) => Err(ApiError::publish_failed(error, || self.event_ids.clone())),
             None => Ok((self.event_ids, self.rejected)),
         }
     }

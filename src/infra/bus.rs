@@ -25,6 +25,10 @@ pub const PUBLISH_WINDOW: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
+    /// Not connected when asked to publish: nothing was sent (the client would have queued
+    /// it and sent it on reconnecting, after the caller had been told it failed).
+    #[error("NATS is not connected; nothing was sent")]
+    Disconnected,
     #[error("cannot connect to NATS")]
     Connect(#[from] async_nats::ConnectError),
     #[error("JetStream did not acknowledge the publish")]
@@ -64,6 +68,21 @@ impl BusError {
         match self {
             BusError::Publish(error) => error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded,
             BusError::BatchRejected { code, .. } => *code == BATCH_TOO_LARGE,
+            _ => false,
+        }
+    }
+
+    /// True when the message went out but no answer came back (the acknowledgement timed out,
+    /// or the connection broke after sending): JetStream may have stored it or not. Retrying
+    /// with the same `Nats-Msg-Id` settles it without a duplicate.
+    pub fn is_outcome_unknown(&self) -> bool {
+        use async_nats::RequestErrorKind;
+        use jetstream::context::PublishErrorKind;
+        match self {
+            BusError::Publish(error) => {
+                matches!(error.kind(), PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe)
+            }
+            BusError::Request(error) => matches!(error.kind(), RequestErrorKind::TimedOut),
             _ => false,
         }
     }
@@ -175,8 +194,15 @@ impl Bus {
         })
     }
 
+    /// Refuses to publish while disconnected: a message the client queued then would be
+    /// stored on reconnecting, after its publisher was told it failed.
+    fn connected(&self) -> Result<(), BusError> {
+        if self.is_connected() { Ok(()) } else { Err(BusError::Disconnected) }
+    }
+
     /// Publishes one message and waits for its PubAck.
     pub async fn publish(&self, message: Outgoing) -> Result<Stored, BusError> {
+        self.connected()?;
         let ack = self.jetstream.publish_with_headers(message.subject, message.headers, message.payload).await?.await?;
         Ok(Stored { sequence: ack.sequence, duplicate: ack.duplicate })
     }
@@ -186,6 +212,9 @@ impl Bus {
     /// [`PUBLISH_WINDOW`] acks are awaited at once: the client holds a limited number of
     /// in-flight acks, and a caller that sent more before awaiting any would wait forever.
     pub async fn publish_all(&self, messages: Vec<Outgoing>) -> Vec<Result<Stored, BusError>> {
+        if !self.is_connected() {
+            return messages.iter().map(|_| Err(BusError::Disconnected)).collect();
+        }
         let mut results = Vec::with_capacity(messages.len());
         let mut pending = std::collections::VecDeque::with_capacity(PUBLISH_WINDOW.min(messages.len()));
         for message in messages {
@@ -225,6 +254,7 @@ impl Bus {
     /// last one `Nats-Batch-Commit: 1` and is sent as a request whose reply is the PubAck of
     /// the whole batch (or the reason it was refused).
     pub async fn publish_atomic(&self, messages: Vec<Outgoing>) -> Result<BatchStored, BusError> {
+        self.connected()?;
         let count = messages.len();
         let batch_id = Uuid::now_v7().simple().to_string();
         let mut messages = messages.into_iter().enumerate();

@@ -28,6 +28,12 @@ impl Outgoing {
         Self::with_id(subject, &event_id.to_string(), payload)
     }
 
+    /// The event id of an event message (its `Nats-Msg-Id`).
+    pub fn event_id(&self) -> Option<uuid::Uuid> {
+        let id = self.headers.get(async_nats::header::NATS_MESSAGE_ID)?;
+        uuid::Uuid::parse_str(id.as_str()).ok()
+    }
+
     pub fn with_header(mut self, name: &'static str, value: &str) -> Self {
         self.headers.insert(name, value);
         self

@@ -1,9 +1,11 @@
 //! The HTTP contract of the gateway, endpoint by endpoint, success and error paths.
 
+use std::time::Duration;
+
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::harness::{Options, spawn_app, spawn_app_with};
+use crate::harness::{Options, spawn_app, spawn_app_with, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_dependencies() {
@@ -652,13 +654,63 @@ async fn api_keys_guard_management_endpoints_only() {
 async fn nats_down_means_503_and_nothing_accepted() {
     let mut app = spawn_app().await;
     app.nats_server.stop();
+    wait_until(Duration::from_secs(10), || async { (!app.get("/health/ready").await.0.is_success()).then_some(()) })
+        .await
+        .expect("the gateway notices");
     let (status, answer) = app.post("/api/v1/events/frontend", &json!({"event_type": "lost"})).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
     assert_eq!(answer["code"], "nats_unavailable");
     let (status, answer) = app.post("/api/v1/events/create", &json!({"event_type": "lost"})).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!((status, answer["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("nats_unavailable")));
+    let batch = json!([{"event_type": "lost"}, {"event_type": "lost"}]);
+    let (status, answer) = app.post("/api/v1/events/batch", &batch).await;
+    assert_eq!((status, answer["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("nats_unavailable")));
     let (_, health) = app.get("/api/v1/events/frontend/health").await;
     assert_eq!(health["nats_connected"], false);
+
+    // "Nothing was accepted" is true: nothing the client was refused shows up once NATS is back.
+    app.restart_nats();
+    let marker = app.create(json!({"event_type": "after.restart"})).await;
+    app.wait_for_status(&marker, &["processed"]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(app.count_events().await, 1, "only the event sent after the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_publish_is_outcome_unknown_and_a_retry_with_its_ids_is_idempotent() {
+    let app = spawn_app().await;
+    app.pause_nats();
+    let (status, single) = app.post("/api/v1/events/create", &json!({"event_type": "maybe"})).await;
+    let batch = json!([{"event_type": "maybe.batch"}, {"event_type": "maybe.batch"}]);
+    let (batch_status, batched) = app.post("/api/v1/events/batch", &batch).await;
+    app.resume_nats();
+    assert_eq!(
+        (status, single["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("outcome_unknown")),
+        "{single}"
+    );
+    assert_eq!(batch_status, StatusCode::SERVICE_UNAVAILABLE, "{batched}");
+    assert_eq!(batched["code"], "outcome_unknown");
+    let ids: Vec<String> = single["event_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(batched["event_ids"].as_array().unwrap())
+        .map(|id| id.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 3);
+
+    // The client retries with the ids it was given: each event is stored once, whatever
+    // happened to the first attempt.
+    let (status, _) = app.post("/api/v1/events/create", &json!({"event_id": ids[0], "event_type": "maybe"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let retry =
+        json!([{"event_id": ids[1], "event_type": "maybe.batch"}, {"event_id": ids[2], "event_type": "maybe.batch"}]);
+    let (status, answer) = app.post("/api/v1/events/batch", &retry).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    app.wait_for_events(3, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(app.count_events().await, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -335,6 +335,23 @@ impl TestApp {
         created["event_id"].as_str().expect("event_id").to_owned()
     }
 
+    /// Starts nats-server again on the same port and store, after `nats_server.stop()`.
+    pub fn restart_nats(&mut self) {
+        let port: u16 = self.nats_server.url.rsplit(':').next().and_then(|port| port.parse().ok()).expect("port");
+        self.nats_server = LocalNats::start(&nats_server_bin(), self._dir.path(), port).expect("restart nats-server");
+    }
+
+    /// Freezes nats-server (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause_nats(&self) {
+        // SAFETY: signalling a child we started.
+        unsafe { libc::kill(self.nats_server.pid() as i32, libc::SIGSTOP) };
+    }
+
+    pub fn resume_nats(&self) {
+        // SAFETY: signalling a child we started.
+        unsafe { libc::kill(self.nats_server.pid() as i32, libc::SIGCONT) };
+    }
+
     /// A crash: the persister vanishes mid-batch, acking nothing more.
     pub async fn kill_persister(&mut self) {
         let (_token, handle) = self.persister.take().expect("persister running");
