@@ -651,6 +651,59 @@ async fn api_keys_guard_management_endpoints_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_keys_send_events_and_nothing_else() {
+    let app = spawn_app_with(Options {
+        api_keys: vec!["admin-key".into()],
+        ingest_keys: vec!["ingest-key".into()],
+        ..Options::default()
+    })
+    .await;
+    let send = |path: &str, key: Option<&str>, body: Value| {
+        let request = app.http.post(app.url(path)).json(&body);
+        let request = match key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        };
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let event = json!({"event_type": "scoped"});
+    assert_eq!(send("/api/v1/events/create", Some("ingest-key"), event.clone()).await.0, StatusCode::OK);
+    assert_eq!(send("/api/v1/events/batch", Some("ingest-key"), json!([event.clone()])).await.0, StatusCode::OK);
+    assert_eq!(send("/api/v1/events/create", Some("admin-key"), event.clone()).await.0, StatusCode::OK);
+    assert_eq!(send("/api/v1/events/create", None, event.clone()).await.0, StatusCode::UNAUTHORIZED);
+    let cloud = app
+        .http
+        .post(app.url("/api/v1/events/cloudevents"))
+        .bearer_auth("ingest-key")
+        .header("content-type", "application/cloudevents+json")
+        .body(json!({"specversion": "1.0", "id": "scoped-1", "source": "/s", "type": "scoped.cloud"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cloud.status(), StatusCode::OK);
+
+    // Everything else needs the admin key: 403 with a stable code for the ingest key.
+    let (status, answer) = send("/api/v1/events/query", Some("ingest-key"), json!({})).await;
+    assert_eq!((status, answer["code"].as_str()), (StatusCode::FORBIDDEN, Some("insufficient_scope")));
+    let processor = json!({"processor_name": "p", "processor_type": "nats"});
+    assert_eq!(send("/api/v1/events/processors", Some("ingest-key"), processor.clone()).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(send("/api/v1/events/processors", Some("admin-key"), processor).await.0, StatusCode::OK);
+    let statistics = app.http.get(app.url("/api/v1/events/statistics")).bearer_auth("ingest-key").send().await.unwrap();
+    assert_eq!(statistics.status(), StatusCode::FORBIDDEN);
+
+    // The tracking API takes the ingest key as its write key once ingest keys exist.
+    let track = json!({"type": "track", "event": "Scoped", "userId": "u", "messageId": "scoped-t"});
+    let sdk = |key: &'static str| app.http.post(app.url("/v1/track")).basic_auth(key, Some("")).json(&track).send();
+    assert_eq!(sdk("ingest-key").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(sdk("someone").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    app.wait_for_events(5, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_down_means_503_and_nothing_accepted() {
     let mut app = spawn_app().await;
     app.nats_server.stop();
@@ -670,6 +723,10 @@ async fn nats_down_means_503_and_nothing_accepted() {
 
     // "Nothing was accepted" is true: nothing the client was refused shows up once NATS is back.
     app.restart_nats();
+    // The gateway publishes nothing until its client has reconnected; ready says when.
+    wait_until(Duration::from_secs(20), || async { app.get("/health/ready").await.0.is_success().then_some(()) })
+        .await
+        .expect("the gateway reconnects");
     let marker = app.create(json!({"event_type": "after.restart"})).await;
     app.wait_for_status(&marker, &["processed"]).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
