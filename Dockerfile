@@ -30,6 +30,7 @@ RUN apt-get update \
 COPY --from=builder /out/ /usr/local/bin/
 USER event-service
 WORKDIR /var/lib/event-service
+# Listening on every interface needs EVENT_API_KEYS (or EVENT_ALLOW_UNAUTHENTICATED=true).
 ENV EVENT_HTTP_ADDR=0.0.0.0:8230 \
     EVENT_LOG_FORMAT=json
 EXPOSE 8230

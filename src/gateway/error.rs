@@ -25,6 +25,8 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("missing or invalid API key")]
     Unauthorized,
+    #[error("the API key may not do this")]
+    Forbidden,
     #[error("invalid webhook signature")]
     BadSignature,
     #[error("missing or invalid write key")]
@@ -124,6 +126,12 @@ impl IntoResponse for ApiError {
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 "This endpoint does not accept that method".to_owned(),
+                None,
+            ),
+            ApiError::Forbidden => (
+                StatusCode::FORBIDDEN,
+                "insufficient_scope",
+                "This API key may only send events; this endpoint needs an admin key (EVENT_API_KEYS)".to_owned(),
                 None,
             ),
             ApiError::BadRequest(detail) => (StatusCode::BAD_REQUEST, "bad_request", detail.clone(), None),

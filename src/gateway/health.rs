@@ -30,7 +30,7 @@ pub async fn health(State(state): State<AppState>) -> Json<Health> {
         service: "event_service",
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs(),
-        auth_required: state.api_keys.enabled(),
+        auth_required: state.keys.enabled(),
         dependencies: Dependencies::check(&state.bus, &state.pool).await,
         timestamp: Utc::now(),
     })

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
-pub use auth::ApiKeys;
+pub use auth::{ApiKeys, Keys, Scope};
 pub use error::ApiError;
 pub use frontend::MAX_FRONTEND_BATCH;
 pub use public::BadOrigin;
@@ -58,7 +58,7 @@ pub struct AppState {
     bus: Bus,
     pool: PgPool,
     waiters: Arc<StoredWaiters>,
-    api_keys: ApiKeys,
+    keys: Keys,
     write_keys: ApiKeys,
     rudderstack_secret: Option<Secret>,
     store_timeout: Duration,
@@ -77,6 +77,26 @@ pub enum GatewayError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Cors(#[from] BadOrigin),
+    #[error(
+        "the gateway would listen on {0} without EVENT_API_KEYS: anyone reaching it could do everything. Set \
+         EVENT_API_KEYS, listen on loopback (EVENT_HTTP_ADDR=127.0.0.1:8230), or set \
+         EVENT_ALLOW_UNAUTHENTICATED=true to accept that"
+    )]
+    Unauthenticated(SocketAddr),
+    #[error("EVENT_INGEST_KEYS needs EVENT_API_KEYS: with ingest keys alone nobody could manage the service")]
+    IngestKeysWithoutAdmin,
+}
+
+/// Refuses a configuration that would expose every endpoint to anyone: no admin key on a
+/// non-loopback address (unless allowed explicitly), or ingest keys without admin keys.
+fn check_keys(keys: &Keys, addr: SocketAddr, allow_unauthenticated: bool) -> Result<(), GatewayError> {
+    if keys.ingest.enabled() && !keys.admin.enabled() {
+        return Err(GatewayError::IngestKeysWithoutAdmin);
+    }
+    if !keys.enabled() && !addr.ip().is_loopback() && !allow_unauthenticated {
+        return Err(GatewayError::Unauthenticated(addr));
+    }
+    Ok(())
 }
 
 /// A built gateway, ready to serve.
@@ -92,8 +112,9 @@ impl Gateway {
         token: CancellationToken,
     ) -> Result<Self, GatewayError> {
         let waiters = StoredWaiters::start(&bus, token.clone()).await?;
-        let api_keys = ApiKeys::new(&settings.api_keys);
-        if !api_keys.enabled() {
+        let keys = Keys { admin: ApiKeys::new(&settings.api_keys), ingest: ApiKeys::new(&settings.ingest_keys) };
+        check_keys(&keys, settings.http_addr, settings.allow_unauthenticated)?;
+        if !keys.enabled() {
             tracing::warn!("EVENT_API_KEYS is not set: the management endpoints accept anyone");
         }
         let write_keys = ApiKeys::new(&settings.public.write_keys);
@@ -107,7 +128,7 @@ impl Gateway {
             bus,
             pool,
             waiters,
-            api_keys,
+            keys,
             write_keys,
             rudderstack_secret: settings.rudderstack_secret.clone().filter(|secret| !secret.is_empty()),
             store_timeout: settings.store_timeout(),
@@ -130,17 +151,19 @@ impl Gateway {
     }
 }
 
-/// Every route, each with the largest body it reads: management routes behind the API-key
-/// check; public ingest routes with CORS and the per-client rate limit; `/health` and the
+/// Every route, each with the largest body it reads: management routes behind an admin key,
+/// create, batch and CloudEvents behind an ingest (or admin) key; public ingest routes with CORS and the per-client rate limit; `/health` and the
 /// contract open. Request bodies may be gzip- or deflate-encoded anywhere.
 fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result<Router, BadOrigin> {
     let single = settings.max_body_bytes;
     let batch = settings.max_batch_body_bytes;
     let tracking = (settings.public.max_event_bytes, settings.public.max_batch_bytes);
-    let management = Router::new()
+    let sending = Router::new()
         .route("/api/v1/events/create", limited(post(events::create), single))
         .route("/api/v1/events/batch", limited(post(events::batch), batch))
         .route("/api/v1/events/cloudevents", limited(post(cloudevents::ingest), batch))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_ingest));
+    let management = Router::new()
         .route("/api/v1/events/query", limited(post(events::query), single))
         .route("/api/v1/events/statistics", get(events::statistics))
         .route("/api/v1/events/{event_id}", get(events::get_event))
@@ -169,7 +192,7 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
             post(subscriptions::resend),
         )
         .route("/api/v1/events/subscriptions/{subscription_id}/recover", limited(post(subscriptions::recover), single))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_admin));
     let ingest = Router::new()
         .route("/api/v1/events/frontend", browser(post(frontend::collect), single))
         .route("/api/v1/events/frontend/batch", browser(post(frontend::collect_batch), batch))
@@ -187,6 +210,7 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
         .route("/api/v1/events/frontend/health", get(frontend::health))
         .route("/webhooks/rudderstack", limited(post(rudderstack::webhook), batch));
     Ok(management
+        .merge(sending)
         .merge(ingest)
         .merge(open)
         .fallback(|| async { ApiError::NotFound("Endpoint") })
@@ -234,4 +258,22 @@ fn events(count: usize) -> String {
 /// The OpenAPI document of this API (`docs/openapi.yaml`, built in).
 async fn openapi() -> impl axum::response::IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "application/yaml")], include_str!("../../docs/openapi.yaml"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_endpoint_open_to_anyone_needs_saying_so() {
+        let none = Keys::default();
+        let admin = Keys { admin: ApiKeys::new(&["root".into()]), ingest: ApiKeys::default() };
+        let ingest_only = Keys { admin: ApiKeys::default(), ingest: ApiKeys::new(&["send".into()]) };
+        let (local, public) = ("127.0.0.1:8230".parse().unwrap(), "0.0.0.0:8230".parse().unwrap());
+        assert!(check_keys(&none, local, false).is_ok());
+        assert!(matches!(check_keys(&none, public, false), Err(GatewayError::Unauthenticated(_))));
+        assert!(check_keys(&none, public, true).is_ok());
+        assert!(check_keys(&admin, public, false).is_ok());
+        assert!(matches!(check_keys(&ingest_only, local, false), Err(GatewayError::IngestKeysWithoutAdmin)));
+    }
 }

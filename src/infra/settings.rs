@@ -59,11 +59,19 @@ pub struct DatabaseArgs {
 #[derive(Debug, Clone, Args)]
 pub struct GatewayArgs {
     /// Address the HTTP server listens on.
-    #[arg(long = "http-addr", env = "EVENT_HTTP_ADDR", default_value = "0.0.0.0:8230")]
+    #[arg(long = "http-addr", env = "EVENT_HTTP_ADDR", default_value = "127.0.0.1:8230")]
     pub http_addr: SocketAddr,
-    /// Comma-separated API keys for the management endpoints; none means no authentication.
+    /// Comma-separated admin API keys (every endpoint); none means no authentication, which
+    /// a gateway listening beyond loopback refuses unless `EVENT_ALLOW_UNAUTHENTICATED=true`.
     #[arg(long = "api-keys", env = "EVENT_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<Secret>,
+    /// Comma-separated ingest-only API keys: create, batch, CloudEvents and the tracking API.
+    #[arg(long = "ingest-keys", env = "EVENT_INGEST_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub ingest_keys: Vec<Secret>,
+    /// Serve without API keys on a non-loopback address (anyone who reaches it may do
+    /// everything).
+    #[arg(long = "allow-unauthenticated", env = "EVENT_ALLOW_UNAUTHENTICATED", default_value_t = false)]
+    pub allow_unauthenticated: bool,
     /// Shared secret for `POST /webhooks/rudderstack` (`X-Signature`); none means unsigned.
     #[arg(long = "rudderstack-secret", env = "EVENT_RUDDERSTACK_SECRET", hide_env_values = true)]
     pub rudderstack_secret: Option<Secret>,

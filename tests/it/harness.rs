@@ -87,6 +87,7 @@ pub async fn fresh_database() -> String {
 #[derive(Clone)]
 pub struct Options {
     pub api_keys: Vec<String>,
+    pub ingest_keys: Vec<String>,
     pub rudderstack_secret: Option<String>,
     pub store_timeout_ms: u64,
     pub start_persister: bool,
@@ -103,6 +104,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             api_keys: vec![],
+            ingest_keys: vec![],
             rudderstack_secret: None,
             store_timeout_ms: 5000,
             start_persister: true,
@@ -164,6 +166,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let gateway_args = GatewayArgs {
         http_addr: "127.0.0.1:0".parse().expect("addr"),
         api_keys: options.api_keys.iter().map(|key| Secret::new(key.as_str())).collect(),
+        ingest_keys: options.ingest_keys.iter().map(|key| Secret::new(key.as_str())).collect(),
+        allow_unauthenticated: false,
         rudderstack_secret: options.rudderstack_secret.as_deref().map(Secret::from),
         max_batch_events: options.max_batch_events,
         max_body_bytes: 1024 * 1024,

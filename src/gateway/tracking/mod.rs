@@ -151,17 +151,17 @@ fn invalid(error: ApiError) -> ApiError {
     }
 }
 
-/// Checks the write key when keys are configured: Basic auth user name, body `writeKey`, or
-/// `?writeKey=`.
+/// Checks the write key when write keys or ingest keys are configured (either is accepted,
+/// and admin keys too): Basic auth user name, body `writeKey`, or `?writeKey=`.
 fn check_key(state: &AppState, headers: &HeaderMap, query: Option<&str>, body: Option<&Value>) -> Result<(), ApiError> {
-    if !state.write_keys.enabled() {
+    if !state.write_keys.enabled() && !state.keys.ingest.enabled() {
         return Ok(());
     }
     let presented = basic_user(headers)
         .or_else(|| query.map(str::to_owned))
         .or_else(|| body.and_then(Value::as_str).map(str::to_owned));
     match presented {
-        Some(key) if state.write_keys.accepts(&key) => Ok(()),
+        Some(key) if state.write_keys.accepts(&key) | state.keys.scope_of(&key).is_some() => Ok(()),
         _ => Err(ApiError::BadWriteKey),
     }
 }
