@@ -68,7 +68,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "baseline,batch,persisted,nats,create,frontend,processing,projection,fanout,query"
+        default_value = "baseline,batch,persisted,nats,create,frontend,processing,projection,fanout,fanout-stalled,query"
     )]
     scenarios: Vec<Scenario>,
     /// Concurrent HTTP clients for the latency scenarios (besides one client alone).
@@ -102,6 +102,8 @@ pub enum Scenario {
     Projection,
     /// Webhook deliveries to 100 subscriptions.
     Fanout,
+    /// The same with one of the 100 endpoints never answering: what the 99 others still get.
+    FanoutStalled,
     /// Query of 1 000 rows and statistics over a seeded store.
     Query,
 }
@@ -201,7 +203,10 @@ impl Bench {
             self.projection().await?;
         }
         if wanted(Scenario::Fanout) {
-            self.fanout().await?;
+            self.fanout(false).await?;
+        }
+        if wanted(Scenario::FanoutStalled) {
+            self.fanout(true).await?;
         }
         if wanted(Scenario::Query) {
             self.query_at_scale().await?;

@@ -235,46 +235,52 @@ struct Fanout {
 }
 
 impl Bench {
-    /// 100 subscriptions, every event delivered to each, to a receiver in this process.
-    pub async fn fanout(&self) -> anyhow::Result<()> {
+    /// 100 subscriptions, every event delivered to each, to a receiver in this process. With
+    /// `stalled`, subscription 0's endpoint never answers (each of its deliveries waits out the
+    /// delivery timeout): the rate counts the 99 healthy subscriptions' deliveries only.
+    pub async fn fanout(&self, stalled: bool) -> anyhow::Result<()> {
         let subscriptions = 100;
         let events: usize = if self.args.quick { 200 } else { 1_000 };
         let state: Arc<Mutex<Fanout>> =
             Arc::new(Mutex::new(Fanout { latency: Some(new_histogram()), ..Fanout::default() }));
         let shared = state.clone();
-        let app = axum::Router::new().route(
-            "/{path}",
-            axum::routing::post(
-                move |axum::extract::Path(path): axum::extract::Path<String>, body: axum::body::Bytes| {
-                    let shared = shared.clone();
-                    async move {
-                        let now = chrono::Utc::now();
-                        if let Ok(event) = serde_json::from_slice::<Value>(&body) {
-                            let created =
-                                event["created_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
-                            let mut state = shared.lock().await;
-                            if let (Some(created), Some(latency)) = (created, state.latency.as_mut()) {
-                                let micros =
-                                    (now - created.with_timezone(&chrono::Utc)).num_microseconds().unwrap_or(0);
-                                let _ = latency.record(micros.max(1) as u64);
+        let app = axum::Router::new()
+            .route("/stalled", axum::routing::post(futures::future::pending::<axum::http::StatusCode>))
+            .route(
+                "/{path}",
+                axum::routing::post(
+                    move |axum::extract::Path(path): axum::extract::Path<String>, body: axum::body::Bytes| {
+                        let shared = shared.clone();
+                        async move {
+                            let now = chrono::Utc::now();
+                            if let Ok(event) = serde_json::from_slice::<Value>(&body) {
+                                let created = event["created_at"]
+                                    .as_str()
+                                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+                                let mut state = shared.lock().await;
+                                if let (Some(created), Some(latency)) = (created, state.latency.as_mut()) {
+                                    let micros =
+                                        (now - created.with_timezone(&chrono::Utc)).num_microseconds().unwrap_or(0);
+                                    let _ = latency.record(micros.max(1) as u64);
+                                }
+                                let id = event["event_id"].as_str().unwrap_or_default().to_owned();
+                                *state.per_event.entry(id.clone()).or_default() += 1;
+                                *state.seen.entry((path, id)).or_default() += 1;
                             }
-                            let id = event["event_id"].as_str().unwrap_or_default().to_owned();
-                            *state.per_event.entry(id.clone()).or_default() += 1;
-                            *state.seen.entry((path, id)).or_default() += 1;
+                            axum::http::StatusCode::NO_CONTENT
                         }
-                        axum::http::StatusCode::NO_CONTENT
-                    }
-                },
-            ),
-        );
+                    },
+                ),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let receiver = format!("http://{}", listener.local_addr()?);
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
         for i in 0..subscriptions {
+            let path = if stalled && i == 0 { "stalled".to_owned() } else { format!("s{i}") };
             let created = self
                 .post("/api/v1/events/subscriptions")
                 .json(&json!({"subscription_id": format!("bench-fan-{i}"), "event_types": ["bench.fanout"],
-                              "callback_url": format!("{receiver}/s{i}")}))
+                              "callback_url": format!("{receiver}/{path}")}))
                 .send()
                 .await?;
             if !created.status().is_success() {
@@ -291,8 +297,12 @@ impl Bench {
                 bail!("batch refused: {}", response.text().await?);
             }
         }
-        let expected = subscriptions * events;
-        let deadline = Instant::now() + Duration::from_secs(600);
+        let healthy = if stalled { subscriptions - 1 } else { subscriptions };
+        let expected = healthy * events;
+        // A stalled run may crawl (that is what it measures): it stops at a bound and reports
+        // the rate it reached.
+        let bound = Duration::from_secs(if stalled { self.size(60, 300) as u64 } else { 600 });
+        let deadline = Instant::now() + bound;
         while state.lock().await.seen.len() < expected && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -305,19 +315,35 @@ impl Bench {
                 "  {delivered} of {expected} deliveries in {:.2} s, {duplicates} duplicated",
                 elapsed.as_secs_f64()
             );
-            self.report.rate(
-                &format!("Webhook fan-out, {events} events × {subscriptions} subscriptions"),
-                delivered as f64 / elapsed.as_secs_f64(),
-                "delivery",
-                "",
-                Limit::None,
-            );
+            let scenario = match stalled {
+                false => format!("Webhook fan-out, {events} events × {subscriptions} subscriptions"),
+                true => format!(
+                    "Webhook fan-out, {events} events × {subscriptions} subscriptions, one never answering \
+                     (deliveries to the {healthy} others)"
+                ),
+            };
+            let mut target = if stalled { "≥ 80 % of the run above".to_owned() } else { String::new() };
+            if delivered < expected {
+                target.push_str(&format!(" (stopped at the {} s bound)", bound.as_secs()));
+            }
+            self.report.rate(&scenario, delivered as f64 / elapsed.as_secs_f64(), "delivery", &target, Limit::None);
             if let Some(latency) = &state.latency {
                 self.report.latency("created → delivered during that burst", latency, elapsed, "");
             }
             state.latency = Some(new_histogram());
         }
-        // Latency without a backlog: one event at a time, each to every subscription.
+        if !stalled {
+            self.fanout_one_at_a_time(&state, subscriptions).await?;
+        }
+        server.abort();
+        for i in 0..subscriptions {
+            let _ = self.delete(&format!("/api/v1/events/subscriptions/bench-fan-{i}")).send().await;
+        }
+        Ok(())
+    }
+
+    /// Latency without a backlog: one event at a time, each to every subscription.
+    async fn fanout_one_at_a_time(&self, state: &Mutex<Fanout>, subscriptions: usize) -> anyhow::Result<()> {
         let singles = if self.args.quick { 20 } else { 100 };
         let started = Instant::now();
         for i in 0..singles {
@@ -343,10 +369,6 @@ impl Bench {
                 started.elapsed(),
                 "",
             );
-        }
-        server.abort();
-        for i in 0..subscriptions {
-            let _ = self.delete(&format!("/api/v1/events/subscriptions/bench-fan-{i}")).send().await;
         }
         Ok(())
     }

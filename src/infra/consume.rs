@@ -10,6 +10,9 @@
 //!   after a growing pause, until it succeeds or the loop is cancelled (then the batch is
 //!   handed back): nothing is lost, nothing is reordered, no delivery is spent.
 //! - A rejected message is terminated only after DEADLETTER acknowledged its copy.
+//! - [`ConsumeLoop::run`] hands over batches one after the other; [`ConsumeLoop::run_each`]
+//!   hands each message over as a batch of its own, up to a window at once, and settles each
+//!   as soon as it is handled: a slow message holds only its own slot.
 //! - The loop survives transient errors (missed heartbeats, reconnects, no responders) and
 //!   ends only on cancellation or when its consumer is deleted. It counts every outcome, batch
 //!   and hold, and times every handling ([`crate::infra::metrics`]).
@@ -177,6 +180,63 @@ impl ConsumeLoop {
                 self.handle(handler, &batch, &token).await;
             }
         }
+        tracing::info!(stage, "consumer stopped");
+        Ok(())
+    }
+
+    /// Like [`Self::run`], but each message is a batch of its own and up to `window` are in
+    /// hand at once, each settled when it is done. For handlers whose messages are independent
+    /// and may take long (the sender's webhook calls). Messages may settle out of order. On
+    /// cancellation, nothing more is taken and the messages in hand are finished first.
+    pub async fn run_each<H: BatchHandler>(
+        self,
+        handler: &H,
+        window: usize,
+        token: CancellationToken,
+    ) -> Result<(), ConsumeError> {
+        let stage = self.stage;
+        let window = window.max(1);
+        let mut in_hand = futures::stream::FuturesUnordered::new();
+        let mut connect_pauses = pauses();
+        'connect: while !token.is_cancelled() {
+            let mut messages = match self.pull().await {
+                Ok(messages) => messages,
+                Err(error) => {
+                    let pause = connect_pauses.next().unwrap_or(MAX_PAUSE);
+                    tracing::warn!(stage, error = %error, retry_in_ms = pause.as_millis() as u64,
+                        "cannot start pulling; retrying");
+                    sleep_or_cancel(pause, &token).await;
+                    continue;
+                }
+            };
+            connect_pauses = pauses();
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => {
+                        release_buffered(stage, &mut messages, self.max_batch).await;
+                        break 'connect;
+                    }
+                    Some(()) = in_hand.next(), if !in_hand.is_empty() => {}
+                    next = messages.next(), if in_hand.len() < window => match next {
+                        None => {
+                            tracing::warn!(stage, "message stream ended; pulling again");
+                            continue 'connect;
+                        }
+                        Some(Err(error)) => {
+                            if error.kind() == MessagesErrorKind::ConsumerDeleted {
+                                return Err(ConsumeError::ConsumerDeleted(stage.to_owned()));
+                            }
+                            tracing::warn!(stage, error = %error, error.kind = ?error.kind(), "pull error");
+                        }
+                        Some(Ok(message)) => {
+                            let (this, token) = (&self, &token);
+                            in_hand.push(async move { this.handle(handler, std::slice::from_ref(&message), token).await });
+                        }
+                    },
+                }
+            }
+        }
+        while in_hand.next().await.is_some() {}
         tracing::info!(stage, "consumer stopped");
         Ok(())
     }

@@ -1,9 +1,10 @@
 //! What every stage stands on: the NATS bus and its topology, the one consume loop and
-//! dead-lettering, the PostgreSQL pool, outgoing callbacks, settings, logging, shutdown, and
+//! dead-lettering, group commit, the PostgreSQL pool, outgoing callbacks, settings, logging, shutdown, and
 //! the private servers of the local run and the tests.
 
 pub mod bus;
 pub mod callback;
+pub mod coalesce;
 pub mod consume;
 pub mod db;
 pub mod deadletter;

@@ -195,6 +195,11 @@ pub struct DispatcherArgs {
     /// Most deliveries a sender works on at once.
     #[arg(long = "sender-concurrency", env = "EVENT_SENDER_CONCURRENCY", default_value_t = 64)]
     pub sender_concurrency: usize,
+    /// Most deliveries to one subscription a sender works on at once: a slow endpoint holds
+    /// no more of the sender's slots than this.
+    #[arg(long = "sender-subscription-concurrency", env = "EVENT_SENDER_SUBSCRIPTION_CONCURRENCY",
+          default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    pub sender_subscription_concurrency: u16,
     /// How long a subscriber has to answer a delivery, in milliseconds.
     #[arg(long = "delivery-timeout-ms", env = "EVENT_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
     pub delivery_timeout_ms: u64,

@@ -221,7 +221,12 @@ pub fn processor_args() -> ProcessorArgs {
 
 /// Dispatcher settings for tests.
 pub fn dispatcher_args() -> DispatcherArgs {
-    DispatcherArgs { sender_concurrency: 32, delivery_timeout_ms: 2000, disable_after_secs: 3600 }
+    DispatcherArgs {
+        sender_concurrency: 32,
+        sender_subscription_concurrency: 8,
+        delivery_timeout_ms: 2000,
+        disable_after_secs: 3600,
+    }
 }
 
 /// Callbacks may reach the test's receivers on loopback.

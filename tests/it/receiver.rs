@@ -1,6 +1,7 @@
 //! An in-process HTTP receiver for webhook tests: records every request and answers with the
 //! status a test scripts per path and call number. Paths starting with `slow` answer after
-//! 800 ms; paths starting with `busy` answer their first call 429 with `Retry-After: 1`.
+//! 800 ms; paths starting with `busy` answer their first call 429 with `Retry-After: 1`; paths
+//! starting with `stall` never answer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -99,6 +100,9 @@ async fn record(
     shared.arrivals.lock().unwrap().push((path.clone(), std::time::Instant::now()));
     let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     shared.received.lock().unwrap().push(Received { path: path.clone(), headers, body, raw });
+    if path.starts_with("stall") {
+        std::future::pending::<()>().await;
+    }
     if path.starts_with("slow") {
         tokio::time::sleep(std::time::Duration::from_millis(800)).await;
     }

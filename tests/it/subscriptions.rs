@@ -425,3 +425,45 @@ async fn a_hundred_subscriptions_get_a_thousand_events_exactly_once() {
     assert!(per_pair.values().all(|count| *count == 1), "each delivery exactly once to a healthy receiver");
     eprintln!("100 subscriptions x 1000 events: {:.0} deliveries/s", 100_000.0 / elapsed.as_secs_f64());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_never_answers_delays_only_its_own_deliveries() {
+    let mut app = spawn_app().await;
+    let settings = dispatcher_args(); // 32 deliveries at once, 8 per subscription, 2 s timeout
+    let per_subscription = usize::from(settings.sender_subscription_concurrency);
+    app.start_dispatcher(settings, callback_args()).await;
+    let hooks = Receiver::start().await;
+    subscribe(
+        &app,
+        json!({"subscription_id": "stalled", "event_types": ["lane.>"], "callback_url": hooks.url("stall")}),
+    )
+    .await;
+    subscribe(&app, json!({"subscription_id": "healthy", "event_types": ["lane.>"], "callback_url": hooks.url("ok")}))
+        .await;
+    settle().await;
+    let events = 60;
+    let batch: Vec<Value> = (0..events).map(|n| json!({"event_type": "lane.test", "data": {"n": n}})).collect();
+    assert!(app.post("/api/v1/events/batch", &Value::Array(batch)).await.0.is_success());
+
+    let healthy = || hooks.received().iter().filter(|r| r.path == "ok").count();
+    wait_until(Duration::from_secs(30), || async { (healthy() >= events).then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("the healthy subscription got {} of {events}", healthy()));
+    // Every stalled call waits out the 2 s timeout. Behind a batch barrier the healthy
+    // deliveries would wait for those; with lanes they went by while the stalled subscription
+    // held at most its own slots for a round or two.
+    let stalled = hooks.arrivals("stall");
+    assert!(stalled.len() <= 2 * per_subscription, "{} stalled calls before the healthy ones were done", stalled.len());
+    let first = stalled[0];
+    let at_once = stalled.iter().filter(|at| at.duration_since(first) < Duration::from_millis(1500)).count();
+    assert!(at_once <= per_subscription, "{at_once} calls to one subscription in flight at once");
+    assert!(at_once > 1, "its deliveries are not sent one by one either");
+
+    // The stalled subscription keeps being tried, on its own schedule.
+    wait_until(Duration::from_secs(30), || async {
+        let failed = deliveries(&app, "stalled").await.iter().filter(|d| d["status"] != "delivered").count();
+        (failed >= per_subscription).then_some(())
+    })
+    .await
+    .expect("the stalled deliveries are recorded as failed attempts");
+}

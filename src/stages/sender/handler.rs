@@ -1,23 +1,30 @@
 //! The sender's I/O shell: reads earlier attempts, sends each delivery through the one
 //! callback path, records the attempts, announces disabled subscriptions. The decisions are
 //! [`super::verdict`]'s.
+//!
+//! Deliveries are handed in one at a time, many at once ([`ConsumeLoop::run_each`]); their
+//! reads and records go through group commits, so a burst still costs a few round trips.
+//!
+//! [`ConsumeLoop::run_each`]: crate::infra::consume::ConsumeLoop::run_each
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
-use futures::StreamExt;
 use sqlx::PgPool;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::STAGE;
+use super::lanes::{Lanes, Slot};
 use super::rate::Limits;
 use super::verdict::{self, Gate};
 use crate::domain::DeliveryStatus;
 use crate::infra::bus::Bus;
 use crate::infra::callback::{self, Callbacks, Posted};
+use crate::infra::coalesce::Coalescer;
 use crate::infra::consume::{Batch, BatchHandler, Handled, Outcome, Transient};
 use crate::infra::metrics::DeliveryLabels;
 use crate::infra::settings::DispatcherArgs;
@@ -30,26 +37,67 @@ use crate::wire::deliveries::{self as delivery, DeliveryKey};
 use crate::wire::domain_events::{DomainEvent, SubscriptionDisabled};
 
 pub(super) struct Handler {
-    pub pool: PgPool,
-    pub bus: Bus,
     pub registry: Arc<SubscriptionRegistry>,
     pub callbacks: Callbacks,
-    pub settings: DispatcherArgs,
     pub limits: Limits,
-    /// The attempts of a batch whose record failed: when the consume loop hands the same
-    /// batch in again, they are recorded as they are instead of being sent a second time.
-    pub unrecorded: Mutex<Option<Unrecorded>>,
+    pub lanes: Lanes,
+    /// The highest attempt recorded for a (subscription, event), 0 for none.
+    pub prior: Coalescer<(String, Uuid), i32>,
+    pub recorder: Coalescer<Record, ()>,
+    /// The attempts of batches whose record failed, by the batch's stream sequences: when the
+    /// consume loop hands the same batch in again, they are recorded as they are instead of
+    /// being sent a second time.
+    pub unrecorded: Mutex<HashMap<Vec<u64>, Vec<Attempted>>>,
 }
 
-/// Attempts made but not recorded yet, and the batch they belong to.
-pub(super) struct Unrecorded {
-    /// Stream sequences of the batch's messages, in order.
-    batch: Vec<u64>,
-    attempted: Vec<Attempted>,
+impl Handler {
+    pub fn new(
+        pool: PgPool,
+        bus: Bus,
+        registry: Arc<SubscriptionRegistry>,
+        callbacks: Callbacks,
+        settings: &DispatcherArgs,
+    ) -> Self {
+        let timeout = Duration::from_millis(settings.delivery_timeout_ms);
+        let group = settings.sender_concurrency.max(1) * 2;
+        let reads = pool.clone();
+        let prior = Coalescer::spawn(group, move |keys: Vec<(String, Uuid)>| {
+            let pool = reads.clone();
+            async move {
+                let found = deliveries::latest_attempts(&pool, &keys).await?;
+                Ok::<_, sqlx::Error>(keys.iter().map(|key| found.get(key).copied().unwrap_or(0)).collect())
+            }
+        });
+        let (writes, announcer, disable_after) = (pool, bus.clone(), settings.disable_after_secs);
+        let recorder = Coalescer::spawn(group, move |records: Vec<Record>| {
+            let (pool, bus) = (writes.clone(), announcer.clone());
+            async move {
+                record(&pool, &bus, disable_after, &records).await?;
+                Ok::<_, sqlx::Error>(vec![(); records.len()])
+            }
+        });
+        Self {
+            registry,
+            callbacks,
+            limits: Limits::default(),
+            lanes: Lanes::new(usize::from(settings.sender_subscription_concurrency), timeout),
+            prior,
+            recorder,
+            unrecorded: Default::default(),
+        }
+    }
+}
+
+/// One attempt to record, and the reason to disable its subscription, if any.
+#[derive(Clone)]
+pub(super) struct Record {
+    row: NewAttempt,
+    disable: Option<String>,
 }
 
 /// What one delivery came to.
-struct Attempted {
+#[derive(Clone)]
+pub(super) struct Attempted {
     row: Option<NewAttempt>,
     outcome: Outcome,
     disable: Option<String>,
@@ -66,11 +114,16 @@ impl BatchHandler for Handler {
         let sequences: Vec<u64> = batch.messages.iter().map(|m| m.info().map_or(0, |i| i.stream_sequence)).collect();
         let attempted = match self.take_unrecorded(batch.attempt, &sequences) {
             Some(attempted) => attempted,
-            None => self.attempt_all(batch).await?,
+            None => self.attempt_all(batch).await,
         };
-        if let Err(error) = self.record(&attempted).await {
-            self.keep_unrecorded(Unrecorded { batch: sequences, attempted });
-            return Err(error);
+        let records = attempted.iter().filter_map(|attempted| {
+            let row = attempted.row.clone()?;
+            Some(self.recorder.call(Record { row, disable: attempted.disable.clone() }))
+        });
+        let recorded: Result<Vec<()>, _> = futures::future::join_all(records).await.into_iter().collect();
+        if let Err(failure) = recorded {
+            self.keep_unrecorded(sequences, attempted);
+            return Err(Transient::new("cannot record deliveries", failure));
         }
         Ok(attempted.into_iter().map(|attempted| attempted.outcome).collect())
     }
@@ -78,20 +131,15 @@ impl BatchHandler for Handler {
 
 impl Handler {
     /// Sends every delivery of the batch (or decides not to).
-    async fn attempt_all(&self, batch: &Batch<'_>) -> Result<Vec<Attempted>, Transient> {
+    async fn attempt_all(&self, batch: &Batch<'_>) -> Vec<Attempted> {
         let set = self.registry.snapshot();
         let keys: Vec<Option<DeliveryKey>> = batch.messages.iter().map(delivery::decode).collect();
-        let known: Vec<(String, Uuid)> =
-            keys.iter().flatten().map(|k| (k.subscription_id.clone(), k.event_id)).collect();
-        let prior = deliveries::latest_attempts(&self.pool, &known)
-            .await
-            .map_err(|error| Transient::new("cannot read earlier attempts", error))?;
         let work: Vec<_> = batch
             .messages
             .iter()
             .zip(&keys)
             .map(|(message, key)| {
-                let (set, prior) = (&set, &prior);
+                let set = &set;
                 async move {
                     let Some(key) = key else {
                         let detail = "a delivery needs its subscription and event id headers";
@@ -101,29 +149,42 @@ impl Handler {
                         // Deleted: nothing to deliver to.
                         return Attempted::unrecorded(Outcome::Ack);
                     };
-                    let attempt = prior.get(&(key.subscription_id.clone(), key.event_id)).copied().unwrap_or(0) + 1;
+                    let lane = match self.lanes.enter(&key.subscription_id) {
+                        Ok(lane) => lane,
+                        // Its lane is full (a slow endpoint): back to JetStream, sent later.
+                        Err(wait) => {
+                            return Attempted::unrecorded(Outcome::Retry { after: wait.mul_f64(1.0 + jitter()) });
+                        }
+                    };
+                    let prior = match self.prior.call((key.subscription_id.clone(), key.event_id)).await {
+                        Ok(prior) => prior,
+                        Err(error) => {
+                            tracing::warn!(stage = STAGE, error = %error, "cannot read earlier attempts; retrying");
+                            return Attempted::unrecorded(Outcome::Retry { after: Duration::from_secs(1) });
+                        }
+                    };
+                    let attempt = prior + 1;
                     let trace = TraceContext::from_nats(message.headers.as_ref())
                         .unwrap_or_else(|| TraceContext::for_event(key.event_id));
                     let span = tracing::info_span!("delivery", subscription_id = %key.subscription_id,
                         event_id = %key.event_id, trace_id = %trace.trace_id_hex());
                     let call = telemetry::within(&span, &trace);
-                    self.deliver(subscription, key, attempt, &message.payload, &call).instrument(span).await
+                    self.deliver(subscription, key, attempt, &message.payload, &call, lane).instrument(span).await
                 }
             })
             .collect();
-        Ok(futures::stream::iter(work).buffered(self.settings.sender_concurrency.max(1)).collect().await)
+        futures::future::join_all(work).await
     }
 
     /// The attempts of this batch that a failed record left, when it is the same batch again.
     fn take_unrecorded(&self, attempt: u32, sequences: &[u64]) -> Option<Vec<Attempted>> {
-        let mut unrecorded = self.unrecorded.lock().ok()?;
-        let held = unrecorded.take()?;
-        (attempt > 1 && held.batch == sequences).then_some(held.attempted)
+        let held = self.unrecorded.lock().ok()?.remove(sequences)?;
+        (attempt > 1).then_some(held)
     }
 
-    fn keep_unrecorded(&self, held: Unrecorded) {
+    fn keep_unrecorded(&self, sequences: Vec<u64>, attempted: Vec<Attempted>) {
         if let Ok(mut unrecorded) = self.unrecorded.lock() {
-            *unrecorded = Some(held);
+            unrecorded.insert(sequences, attempted);
         }
     }
 
@@ -135,6 +196,7 @@ impl Handler {
         attempt: i32,
         body: &Bytes,
         trace: &TraceContext,
+        mut lane: Slot,
     ) -> Attempted {
         let id = &subscription.subscription_id;
         let webhook_id = format!("msg_{}", key.event_id.simple());
@@ -172,6 +234,10 @@ impl Handler {
             signed: Some((subscription.webhook_secret.expose(), webhook_id.as_str())),
         };
         let posted = self.callbacks.post(request).await;
+        if let Posted::Answered(answer) = &posted {
+            lane.took(Duration::from_secs_f64(answer.duration_ms / 1000.0));
+        }
+        drop(lane);
         let label = format!("subscription {id}, attempt {attempt}");
         let retries_used = attempt - key.base - 1;
         let decision = verdict::decide(&posted, &subscription.retry_policy.0, retries_used, &label, jitter());
@@ -190,44 +256,41 @@ impl Handler {
         let disable = decision.disable.map(|reason| format!("{reason} on {}", Utc::now().to_rfc3339()));
         Attempted { row: Some(row), outcome: decision.outcome, disable }
     }
+}
 
-    /// Records the attempts and the subscriptions' failure records in one transaction, then
-    /// announces the subscriptions that were disabled.
-    async fn record(&self, attempted: &[Attempted]) -> Result<(), Transient> {
-        let mut outcomes = Outcomes::default();
-        for item in attempted {
-            let Some(row) = &item.row else { continue };
-            match row.status {
-                DeliveryStatus::Delivered => outcomes.delivered.insert(row.subscription_id.clone()),
-                DeliveryStatus::Skipped => false,
-                _ => outcomes.failed.insert(row.subscription_id.clone()),
-            };
-            if let Some(reason) = &item.disable {
-                outcomes.disable.push((row.subscription_id.clone(), reason.clone()));
-            }
-            outcomes.attempts.push(row.clone());
+/// Records attempts and the subscriptions' failure records in one transaction, then announces
+/// the subscriptions that were disabled.
+async fn record(pool: &PgPool, bus: &Bus, disable_after_secs: u64, records: &[Record]) -> Result<(), sqlx::Error> {
+    let mut outcomes = Outcomes::default();
+    for Record { row, disable } in records {
+        match row.status {
+            DeliveryStatus::Delivered => outcomes.delivered.insert(row.subscription_id.clone()),
+            DeliveryStatus::Skipped => false,
+            _ => outcomes.failed.insert(row.subscription_id.clone()),
+        };
+        if let Some(reason) = disable {
+            outcomes.disable.push((row.subscription_id.clone(), reason.clone()));
         }
-        let disabled = deliveries::record(&self.pool, &outcomes, self.settings.disable_after_secs)
-            .await
-            .map_err(|error| Transient::new("cannot record deliveries", error))?;
-        let metrics = self.bus.metrics();
-        for row in &outcomes.attempts {
-            metrics.deliveries.get_or_create(&DeliveryLabels { outcome: row.status.as_str() }).inc();
-        }
-        metrics.subscriptions_disabled.inc_by(disabled.len() as u64);
-        if disabled.is_empty() {
-            return Ok(());
-        }
-        let mut messages = Vec::new();
-        for (id, reason) in &disabled {
-            tracing::warn!(stage = STAGE, subscription_id = %id, %reason, "subscription disabled");
-            let announced = SubscriptionDisabled { subscription_id: id, reason, timestamp: Utc::now() };
-            messages.extend(announced.to_message());
-        }
-        self.bus.announce(messages).await;
-        registry::announce_change::<Subscriptions>(&self.bus).await;
-        Ok(())
+        outcomes.attempts.push(row.clone());
     }
+    let disabled = deliveries::record(pool, &outcomes, disable_after_secs).await?;
+    let metrics = bus.metrics();
+    for row in &outcomes.attempts {
+        metrics.deliveries.get_or_create(&DeliveryLabels { outcome: row.status.as_str() }).inc();
+    }
+    metrics.subscriptions_disabled.inc_by(disabled.len() as u64);
+    if disabled.is_empty() {
+        return Ok(());
+    }
+    let mut messages = Vec::new();
+    for (id, reason) in &disabled {
+        tracing::warn!(stage = STAGE, subscription_id = %id, %reason, "subscription disabled");
+        let announced = SubscriptionDisabled { subscription_id: id, reason, timestamp: Utc::now() };
+        messages.extend(announced.to_message());
+    }
+    bus.announce(messages).await;
+    registry::announce_change::<Subscriptions>(bus).await;
+    Ok(())
 }
 
 /// A fraction from 0 to 0.2, so retries of many deliveries spread out.

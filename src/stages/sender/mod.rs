@@ -15,10 +15,15 @@
 //!   when PostgreSQL is back, without calling the subscribers again.
 //! - A delivery for a deleted subscription is dropped; for a disabled one it is recorded as
 //!   skipped (so `recover` can queue it again); a refused address is recorded, not retried.
+//! - Deliveries are independent: each holds one of `EVENT_SENDER_CONCURRENCY` slots only
+//!   while it is being sent and recorded, and at most `EVENT_SENDER_SUBSCRIPTION_CONCURRENCY`
+//!   of one subscription's are in flight at once (the rest wait in JetStream), so a slow or
+//!   dead endpoint costs only its own deliveries.
 //! - `rate_limit_per_second` holds per sender process (a delivery over it waits in JetStream).
 //! - A subscription whose deliveries all fail for the configured window is disabled.
 
 mod handler;
+pub mod lanes;
 pub mod rate;
 pub mod verdict;
 
@@ -43,6 +48,8 @@ pub const STAGE: &str = "sender";
 pub struct Sender {
     consume: ConsumeLoop,
     handler: Handler,
+    /// Deliveries in hand at once.
+    window: usize,
 }
 
 impl Sender {
@@ -54,22 +61,14 @@ impl Sender {
         callbacks: &CallbackArgs,
     ) -> Result<Self, StageError> {
         let callbacks = Callbacks::new(callbacks, Duration::from_millis(settings.delivery_timeout_ms))?;
-        let max_batch = settings.sender_concurrency.max(1) * 2;
-        let consume = ConsumeLoop::build(&bus, streams::DELIVERIES, STAGE, max_batch).await?;
-        let handler = Handler {
-            pool,
-            bus,
-            registry,
-            callbacks,
-            settings: settings.clone(),
-            limits: Default::default(),
-            unrecorded: Default::default(),
-        };
-        Ok(Self { consume, handler })
+        let window = settings.sender_concurrency.max(1);
+        let consume = ConsumeLoop::build(&bus, streams::DELIVERIES, STAGE, window * 2).await?;
+        let handler = Handler::new(pool, bus, registry, callbacks, settings);
+        Ok(Self { consume, handler, window })
     }
 
     pub async fn run(self, token: CancellationToken) -> Result<(), StageError> {
         tracing::info!(stage = STAGE, "sender running");
-        Ok(self.consume.run(&self.handler, token).await?)
+        Ok(self.consume.run_each(&self.handler, self.window, token).await?)
     }
 }
