@@ -45,6 +45,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("event bus unavailable")]
     Bus(#[from] BusError),
+    /// The in-flight bound is full: nothing of the request was published.
+    #[error("overloaded")]
+    Overloaded(&'static str),
     /// The events went to JetStream and no acknowledgement came back: stored or not, nobody
     /// knows. The client retries with these ids, which is idempotent.
     #[error("outcome unknown")]
@@ -147,6 +150,17 @@ impl IntoResponse for ApiError {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "nats_unavailable",
                     "The event bus did not accept the events; nothing was accepted. Retry later.".to_owned(),
+                    None,
+                )
+            }
+            ApiError::Overloaded(path) => {
+                tracing::debug!(path, "overloaded; request refused");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "The service has as many events in flight as it takes; nothing was accepted. Retry after the \
+                     Retry-After delay."
+                        .to_owned(),
                     None,
                 )
             }

@@ -21,12 +21,14 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::AppState;
+use super::admission::Admitted;
 use super::error::ApiError;
 use super::extract::JsonBody;
 use crate::domain::fields::object_body;
 use crate::domain::parse::{self, Defaults, MAX_EVENT_TYPE_CHARS};
 use crate::domain::{Event, EventCategory, EventSource, EventStatus, FieldError, Fields, MAX_ID_CHARS};
 use crate::infra::bus::Stored;
+use crate::infra::metrics::PathLabels;
 use crate::store::events::{self as stored, StoredEvent};
 use crate::store::query::{self, EventFilter};
 use crate::store::statistics::{self, Statistics};
@@ -155,6 +157,7 @@ pub(super) async fn publish_new(
     trace: &TraceContext,
     messages: Vec<(Uuid, Outgoing)>,
 ) -> Result<bool, ApiError> {
+    let _admitted = state.admit(path, messages.len()).await?;
     let mut messages: Vec<_> = messages.into_iter().map(|(id, message)| (id, message.with_trace(trace))).collect();
     let deadline = tokio::time::Instant::now() + state.store_timeout;
     let mut seen_before = false;
@@ -206,6 +209,7 @@ impl AppState {
         trace: &TraceContext,
         message: Outgoing,
     ) -> Result<Stored, ApiError> {
+        let _admitted = self.admit(path, 1).await?;
         let event_id = message.event_id();
         let stored = self
             .bus
@@ -216,6 +220,15 @@ impl AppState {
             self.bus.metrics().accepted(path, 1);
         }
         Ok(stored)
+    }
+
+    /// Room for `events` events in flight, or 503 `overloaded` (counted) after a short wait.
+    pub(super) async fn admit(&self, path: &'static str, events: usize) -> Result<Admitted, ApiError> {
+        let admitted = self.admission.admit(path, events).await;
+        if admitted.is_err() {
+            self.bus.metrics().overloaded.get_or_create(&PathLabels { path }).inc();
+        }
+        admitted
     }
 
     /// The EVENTS message of an event, refused when it is larger than an event may be.

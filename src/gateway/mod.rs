@@ -7,6 +7,7 @@
 //! replay jobs, and the registries' change notifications. Every response carries an
 //! `x-request-id` (the caller's, or a new one), and every log line of a request has it.
 
+mod admission;
 mod auth;
 mod cloudevents;
 mod error;
@@ -65,6 +66,7 @@ pub struct AppState {
     max_batch_events: usize,
     max_event_bytes: usize,
     tracking_max_event_bytes: usize,
+    admission: admission::Admission,
     /// Snapshot spacing used when a rebuild folds a stream.
     snapshot_every: i64,
     started: Instant,
@@ -124,6 +126,7 @@ impl Gateway {
         // An event must fit in one NATS message with room for the headers.
         let max_payload = bus.client().server_info().max_payload;
         let max_event_bytes = max_payload.saturating_sub(4096).min(settings.max_body_bytes).max(1024);
+        let admission = admission::Admission::new(settings.max_inflight_events, bus.metrics().inflight_events.clone());
         let state = AppState {
             bus,
             pool,
@@ -135,6 +138,7 @@ impl Gateway {
             max_batch_events: usize::from(settings.max_batch_events),
             max_event_bytes,
             tracking_max_event_bytes: settings.public.max_event_bytes.min(max_event_bytes),
+            admission,
             snapshot_every: settings.snapshot_every as i64,
             started: Instant::now(),
         };

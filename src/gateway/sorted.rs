@@ -62,6 +62,7 @@ impl Sorted {
         path: &'static str,
         trace: &TraceContext,
     ) -> Result<(Vec<Uuid>, Vec<Rejected>), ApiError> {
+        let _admitted = state.admit(path, self.messages.len()).await?;
         let mut new = 0;
         let mut failed = None;
         let messages = self.messages.into_iter().map(|message| message.with_trace(trace)).collect();

@@ -110,6 +110,8 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: HistogramFamily<RouteLabels>,
     pub events_accepted: Family<PathLabels, Counter>,
+    pub overloaded: Family<PathLabels, Counter>,
+    pub inflight_events: Gauge,
     pub stage_batches: Family<StageLabels, Counter>,
     pub stage_messages: Family<OutcomeLabels, Counter>,
     pub stage_handle_duration: HistogramFamily<StageLabels>,
@@ -138,6 +140,8 @@ impl Metrics {
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(seconds),
             events_accepted: Family::default(),
+            overloaded: Family::default(),
+            inflight_events: Gauge::default(),
             stage_batches: Family::default(),
             stage_messages: Family::default(),
             stage_handle_duration: Family::new_with_constructor(seconds),
@@ -169,6 +173,16 @@ impl Metrics {
             self.http_duration.clone(),
         );
         r.register("events_accepted", "Events accepted, by how they came in", self.events_accepted.clone());
+        r.register(
+            "requests_overloaded",
+            "Ingest requests refused with 503 overloaded (the in-flight bound was full), by path",
+            self.overloaded.clone(),
+        );
+        r.register(
+            "inflight_events",
+            "Events the gateway handed to JetStream and has not seen acknowledged yet",
+            self.inflight_events.clone(),
+        );
         r.register("stage_batches", "Batches a stage handled", self.stage_batches.clone());
         r.register(
             "stage_messages",

@@ -86,6 +86,11 @@ pub struct GatewayArgs {
     /// Largest request body of batch endpoints and the RudderStack webhook, in bytes.
     #[arg(long = "max-batch-body-bytes", env = "EVENT_MAX_BATCH_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_batch_body_bytes: usize,
+    /// Most events the gateway has in flight to JetStream (published, not yet acknowledged);
+    /// past it, ingest answers 503 `overloaded` with `Retry-After`.
+    #[arg(long = "max-inflight-events", env = "EVENT_MAX_INFLIGHT_EVENTS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inflight_events: u32,
     /// How long create and batch wait for PostgreSQL before answering 202, in milliseconds.
     #[arg(long = "store-timeout-ms", env = "EVENT_STORE_TIMEOUT_MS", default_value_t = 5000)]
     pub store_timeout_ms: u64,

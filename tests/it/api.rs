@@ -734,6 +734,39 @@ async fn nats_down_means_503_and_nothing_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_gateway_answers_overloaded_at_once_and_takes_events_again_when_there_is_room() {
+    let app = spawn_app_with(Options { max_inflight_events: 2, ..Options::default() }).await;
+    // A frozen nats-server keeps the first publish in flight (until the 2 s PubAck timeout).
+    app.pause_nats();
+    let two = json!([{"event_type": "stuck"}, {"event_type": "stuck"}]);
+    let stuck = app.post("/api/v1/events/batch", &two);
+    let refused = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = std::time::Instant::now();
+        let response = app.http.post(app.url("/api/v1/events/create")).json(&json!({"event_type": "extra"})).send();
+        let response = response.await.unwrap();
+        (
+            response.status(),
+            response.headers().get("retry-after").cloned(),
+            response.json::<Value>().await.unwrap(),
+            started.elapsed(),
+        )
+    };
+    let ((stuck_status, _), (status, retry_after, answer, waited)) = tokio::join!(stuck, refused);
+    app.resume_nats();
+    assert_eq!(stuck_status, StatusCode::SERVICE_UNAVAILABLE, "the frozen publish is outcome_unknown");
+    assert_eq!((status, answer["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("overloaded")), "{answer}");
+    assert_eq!(retry_after.as_ref().and_then(|value| value.to_str().ok()), Some("1"));
+    assert!(waited < Duration::from_secs(1), "refused quickly, not queued: {waited:?}");
+
+    // Room again: events go through, and the refusal was counted.
+    let marker = app.create(json!({"event_type": "after.overload"})).await;
+    app.wait_for_status(&marker, &["processed"]).await;
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("event_requests_overloaded_total{path=\"create\"} 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_publish_is_outcome_unknown_and_a_retry_with_its_ids_is_idempotent() {
     let app = spawn_app().await;
     app.pause_nats();

@@ -98,6 +98,7 @@ pub struct Options {
     pub write_keys: Vec<String>,
     pub cors_origins: Vec<String>,
     pub public_rate_limit: u32,
+    pub max_inflight_events: u32,
 }
 
 impl Default for Options {
@@ -114,6 +115,7 @@ impl Default for Options {
             write_keys: vec![],
             cors_origins: vec!["*".to_owned()],
             public_rate_limit: 0,
+            max_inflight_events: 20_000,
         }
     }
 }
@@ -173,6 +175,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         max_body_bytes: 1024 * 1024,
         max_batch_body_bytes: 16 * 1024 * 1024,
         store_timeout_ms: options.store_timeout_ms,
+        max_inflight_events: options.max_inflight_events,
         snapshot_every: 10,
         public: PublicArgs {
             write_keys: options.write_keys.iter().map(|key| Secret::new(key.as_str())).collect(),
