@@ -328,6 +328,7 @@ mod tests {
             .inc();
         metrics.http_duration.get_or_create(&route()).observe(0.001);
         metrics.accepted("create", 1);
+        metrics.overloaded.get_or_create(&PathLabels { path: "create" }).inc();
         let stage = StageLabels { stage: "persister" };
         metrics.stage_batches.get_or_create(&stage).inc();
         metrics.stage_messages.get_or_create(&OutcomeLabels { stage: "persister", outcome: "ack" }).inc();
