@@ -129,7 +129,12 @@ impl Bench {
 
     /// Sends every body to `/batch`, `in_flight` at a time. Without `respond_async` a 202 (not
     /// stored within the store timeout) is fine too: the rows are counted afterwards.
-    async fn send_batches(&self, bodies: &[Vec<Value>], respond_async: bool, what: &str) -> anyhow::Result<Duration> {
+    pub(crate) async fn send_batches(
+        &self,
+        bodies: &[Vec<Value>],
+        respond_async: bool,
+        what: &str,
+    ) -> anyhow::Result<Duration> {
         let bar = progress(bodies.iter().map(Vec::len).sum::<usize>() as u64, what);
         let started = Instant::now();
         let mut sends = futures::stream::iter(bodies.iter().map(|body| {
@@ -243,7 +248,7 @@ impl Bench {
 /// Stored events of one type, from the daily rollup the persister writes in the same
 /// transaction as the rows: as exact as counting the rows, and cheap enough to ask every 10 ms
 /// without taking CPU from the pipeline being measured.
-async fn count_type(pool: &sqlx::PgPool, event_type: &str) -> anyhow::Result<i64> {
+pub(crate) async fn count_type(pool: &sqlx::PgPool, event_type: &str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar("SELECT COALESCE(sum(events), 0)::bigint FROM event.rollup_daily WHERE event_type = $1")
         .bind(event_type)
         .fetch_one(pool)

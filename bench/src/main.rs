@@ -16,6 +16,7 @@
 mod baseline;
 mod cpu;
 mod ingest;
+mod overload;
 mod pipeline;
 mod query;
 mod report;
@@ -68,7 +69,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "baseline,batch,persisted,nats,create,frontend,processing,projection,fanout,fanout-stalled,query"
+        default_value = "baseline,batch,persisted,nats,create,frontend,processing,projection,fanout,fanout-stalled,overload,query"
     )]
     scenarios: Vec<Scenario>,
     /// Concurrent HTTP clients for the latency scenarios (besides one client alone).
@@ -102,6 +103,8 @@ pub enum Scenario {
     Projection,
     /// Webhook deliveries to 100 subscriptions.
     Fanout,
+    /// Twice the sustainable rate, open loop: the service's memory, its answers, catch-up time.
+    Overload,
     /// The same with one of the 100 endpoints never answering: what the 99 others still get.
     FanoutStalled,
     /// Query of 1 000 rows and statistics over a seeded store.
@@ -207,6 +210,9 @@ impl Bench {
         }
         if wanted(Scenario::FanoutStalled) {
             self.fanout(true).await?;
+        }
+        if wanted(Scenario::Overload) {
+            self.overload().await?;
         }
         if wanted(Scenario::Query) {
             self.query_at_scale().await?;

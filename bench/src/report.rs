@@ -83,7 +83,7 @@ impl Report {
         *peak = peak.max(mib);
     }
 
-    fn push(&self, scenario: &str, result: String, target: &str, limit: String) {
+    pub fn push(&self, scenario: &str, result: String, target: &str, limit: String) {
         lock(&self.rows).push(Row { scenario: scenario.to_owned(), result, target: target.to_owned(), limit });
     }
 
