@@ -190,6 +190,10 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
             limited(get(subscriptions::get).patch(subscriptions::update).delete(subscriptions::delete), single),
         )
         .route("/api/v1/events/subscriptions/{subscription_id}/secret", get(subscriptions::secret))
+        .route(
+            "/api/v1/events/subscriptions/{subscription_id}/secret/rotate",
+            limited(post(subscriptions::rotate_secret), single),
+        )
         .route("/api/v1/events/subscriptions/{subscription_id}/deliveries", get(subscriptions::deliveries))
         .route(
             "/api/v1/events/subscriptions/{subscription_id}/deliveries/{event_id}/resend",

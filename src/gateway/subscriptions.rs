@@ -1,5 +1,5 @@
-//! The subscription endpoints: create, list, get, update, delete, the secret, the delivery
-//! log, resend and recover.
+//! The subscription endpoints: create, list, get, update, delete, the secret and its
+//! rotation, the delivery log, resend and recover.
 //!
 //! Reads and writes `event.event_subscriptions`, reads `event.delivery_attempts` and
 //! `event.events`; queues deliveries on DELIVERIES (resend, recover); tells dispatchers and
@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::JsonBody;
-use crate::domain::{FieldError, Fields};
+use super::extract::{JsonBody, RawBody, parse_json};
+use crate::domain::{FieldError, Fields, Secret};
 use crate::infra::callback::Guard;
 use crate::registry;
 use crate::registry::subscriptions::{self, StoreError, Subscription, Subscriptions};
@@ -113,7 +113,56 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Re
 
 pub async fn secret(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let subscription = subscriptions::get(&state.pool, &id).await?.ok_or(ApiError::NotFound("Subscription"))?;
-    Ok(Json(json!({"subscription_id": id, "webhook_secret": subscription.webhook_secret.expose()})))
+    Ok(Json(shown_secret(&subscription)))
+}
+
+/// The default overlap of a rotation: a day.
+const DEFAULT_OVERLAP_SECS: i64 = 24 * 3600;
+/// The longest overlap: a week.
+const MAX_OVERLAP_SECS: i64 = 7 * 24 * 3600;
+
+/// `POST .../secret/rotate`: a new secret (generated, or the body's `webhook_secret`); the
+/// replaced one keeps signing beside it for `overlap_seconds` (default a day). The body is
+/// optional.
+pub async fn rotate_secret(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawBody(bytes): RawBody,
+) -> Result<Json<Value>, ApiError> {
+    let body = match bytes.iter().all(u8::is_ascii_whitespace) {
+        true => json!({}),
+        false => parse_json(&bytes)?,
+    };
+    let Some(map) = body.as_object() else {
+        return Err(ApiError::field("body", "must be a JSON object: {overlap_seconds, webhook_secret}"));
+    };
+    let mut errors: Vec<FieldError> = Vec::new();
+    let mut fields = Fields { body: map, errors: &mut errors };
+    let overlap = fields.integer("overlap_seconds", 0..=MAX_OVERLAP_SECS).unwrap_or(DEFAULT_OVERLAP_SECS);
+    let chosen = fields.string("webhook_secret", 1024);
+    if chosen.as_ref().is_some_and(|secret| secret.len() < 8) {
+        fields.fail("webhook_secret", "must be at least 8 characters (or leave it out to get one)");
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let new = chosen.map(Secret::from).unwrap_or_else(subscriptions::new_secret);
+    let overlap = std::time::Duration::from_secs(overlap.unsigned_abs());
+    let rotated = subscriptions::rotate_secret(&state.pool, &id, &new, overlap)
+        .await?
+        .ok_or(ApiError::NotFound("Subscription"))?;
+    registry::announce_change::<Subscriptions>(&state.bus).await;
+    tracing::info!(subscription_id = %id, overlap_secs = overlap.as_secs(), "subscription secret rotated");
+    Ok(Json(shown_secret(&rotated)))
+}
+
+/// The secret endpoints' answer: the current secret and when the replaced one stops signing.
+fn shown_secret(subscription: &Subscription) -> Value {
+    json!({
+        "subscription_id": subscription.subscription_id,
+        "webhook_secret": subscription.webhook_secret.expose(),
+        "previous_secret_expires_at": subscription.previous_secret_expires_at,
+    })
 }
 
 #[derive(Deserialize)]

@@ -133,7 +133,7 @@ async fn processors_run_by_priority_and_a_failure_blocks_no_one() {
     let delivery = hooks.received().into_iter().find(|r| r.path == "ok/high").unwrap();
     let headers = |name: &str| delivery.headers.get(name).unwrap().to_str().unwrap().to_owned();
     let expected = event_service::infra::callback::sign(
-        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        &["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
         &headers("webhook-id"),
         headers("webhook-timestamp").parse().unwrap(),
         &delivery.raw,

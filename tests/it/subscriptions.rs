@@ -467,3 +467,63 @@ async fn an_endpoint_that_never_answers_delays_only_its_own_deliveries() {
     .await
     .expect("the stalled deliveries are recorded as failed attempts");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_signs_beside_the_old_one_until_the_overlap_ends() {
+    let app = app_with_dispatcher().await;
+    let hooks = Receiver::start().await;
+    let created = subscribe(
+        &app,
+        json!({"subscription_id": "rotating", "event_types": ["rot.>"], "callback_url": hooks.url("r")}),
+    )
+    .await;
+    let old = created["webhook_secret"].as_str().unwrap().to_owned();
+    settle().await;
+    let signatures = |received: &Received| received.headers["webhook-signature"].to_str().unwrap().split(' ').count();
+
+    app.create(json!({"event_type": "rot.before"})).await;
+    let before = wait_for_received(&hooks, 1).await.remove(0);
+    assert_eq!((signatures(&before), verify(&old, &before)), (1, true));
+
+    // Bad requests change nothing.
+    let rotate = "/api/v1/events/subscriptions/rotating/secret/rotate";
+    let (status, answer) = app.post(rotate, &json!({"overlap_seconds": -1})).await;
+    assert_eq!(
+        (status, answer["errors"][0]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("overlap_seconds"))
+    );
+    let (status, _) = app.post(rotate, &json!({"webhook_secret": "short"})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = app.post("/api/v1/events/subscriptions/nobody/secret/rotate", &json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, rotated) = app.post(rotate, &json!({"overlap_seconds": 3})).await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let new = rotated["webhook_secret"].as_str().unwrap().to_owned();
+    assert!(new.starts_with("whsec_") && new != old);
+    assert!(rotated["previous_secret_expires_at"].is_string());
+    let (_, shown) = app.get("/api/v1/events/subscriptions/rotating/secret").await;
+    assert_eq!(shown["webhook_secret"], new.as_str());
+    settle().await;
+
+    // During the overlap: both signatures, so a receiver holding either secret verifies.
+    app.create(json!({"event_type": "rot.during"})).await;
+    let during = wait_for_received(&hooks, 2).await.remove(1);
+    assert_eq!(signatures(&during), 2);
+    assert!(verify(&new, &during) && verify(&old, &during));
+
+    // After it: the new secret alone.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    app.create(json!({"event_type": "rot.after"})).await;
+    let after = wait_for_received(&hooks, 3).await.remove(2);
+    assert_eq!(signatures(&after), 1);
+    assert!(verify(&new, &after) && !verify(&old, &after));
+
+    // A rotation without a body uses the default overlap (a day).
+    let response = app.http.post(app.url(rotate)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: Value = response.json().await.unwrap();
+    let expires = chrono::DateTime::parse_from_rfc3339(answer["previous_secret_expires_at"].as_str().unwrap()).unwrap();
+    let hours = (expires.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_minutes() as f64 / 60.0;
+    assert!((23.9..=24.0).contains(&hours), "{hours}");
+}

@@ -32,8 +32,8 @@ pub struct Request<'a> {
     pub headers: Vec<(&'static str, &'a str)>,
     /// Overrides the client's timeout.
     pub timeout: Option<Duration>,
-    /// `(secret, webhook id)`: sign the body.
-    pub signed: Option<(&'a str, &'a str)>,
+    /// `(secrets, webhook id)`: sign the body, once with each secret.
+    pub signed: Option<(Vec<&'a str>, &'a str)>,
 }
 
 /// What came of a callback.
@@ -83,8 +83,8 @@ impl Callbacks {
         for (name, value) in request.headers {
             builder = builder.header(name, value);
         }
-        if let Some((secret, webhook_id)) = request.signed {
-            for (name, value) in sign(secret, webhook_id, Utc::now().timestamp(), request.body) {
+        if let Some((secrets, webhook_id)) = request.signed {
+            for (name, value) in sign(&secrets, webhook_id, Utc::now().timestamp(), request.body) {
                 builder = builder.header(name, value);
             }
         }

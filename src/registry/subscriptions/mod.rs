@@ -2,8 +2,9 @@
 //! events they take, and the set dispatchers and senders deliver from.
 //!
 //! Reads and writes `event.event_subscriptions`. Guarantees: a secret leaves the service only
-//! in the create answer and through the dedicated secret endpoint (everywhere else it is
-//! masked, and `Debug` redacts it).
+//! in the create answer, the rotate answer and through the dedicated secret endpoint
+//! (everywhere else it is masked, and `Debug` redacts it); after a rotation the replaced
+//! secret signs beside the new one until its expiry, then never again.
 
 mod request;
 
@@ -60,6 +61,11 @@ pub struct Subscription {
     pub callback_url: Option<String>,
     #[serde(serialize_with = "mask")]
     pub webhook_secret: Secret,
+    /// The secret a rotation replaced: deliveries carry its signature too until
+    /// `previous_secret_expires_at`.
+    #[serde(skip)]
+    pub previous_secret: Option<Secret>,
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
     pub enabled: bool,
     pub retry_policy: Json<RetryPolicy>,
     pub rate_limit_per_second: Option<i32>,
@@ -74,6 +80,16 @@ fn mask<S: serde::Serializer>(_secret: &Secret, serializer: S) -> Result<S::Ok, 
 }
 
 impl Subscription {
+    /// The secrets a delivery is signed with at `now`: the current one, and the one a rotation
+    /// replaced while its overlap lasts.
+    pub fn signing_secrets(&self, now: DateTime<Utc>) -> Vec<&str> {
+        let previous = match (&self.previous_secret, self.previous_secret_expires_at) {
+            (Some(previous), Some(expires_at)) if now < expires_at => Some(previous.expose()),
+            _ => None,
+        };
+        std::iter::once(self.webhook_secret.expose()).chain(previous).collect()
+    }
+
     /// Enabled, with a callback URL to deliver to.
     pub fn deliverable(&self) -> bool {
         self.enabled && self.callback_url.is_some()
@@ -100,8 +116,8 @@ pub fn new_secret() -> Secret {
 }
 
 const COLUMNS: &str = "subscription_id, subscriber_name, subscriber_type, event_types, event_sources, event_categories, \
-                       callback_url, webhook_secret, enabled, retry_policy, rate_limit_per_second, failing_since, \
-                       disabled_reason, created_at, updated_at";
+                       callback_url, webhook_secret, previous_secret, previous_secret_expires_at, enabled, \
+                       retry_policy, rate_limit_per_second, failing_since, disabled_reason, created_at, updated_at";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -174,6 +190,23 @@ pub async fn update(pool: &PgPool, id: &str, changes: Changes) -> Result<Option<
         .await
 }
 
+/// Replaces the secret with `new`; the replaced one keeps signing for `overlap` (a rotation
+/// during an overlap ends the older secret's overlap at once). `None` when there is no such
+/// subscription.
+pub async fn rotate_secret(
+    pool: &PgPool,
+    id: &str,
+    new: &Secret,
+    overlap: Duration,
+) -> Result<Option<Subscription>, sqlx::Error> {
+    let sql = format!(
+        "UPDATE event.event_subscriptions SET previous_secret = webhook_secret, \
+             previous_secret_expires_at = now() + make_interval(secs => $3), webhook_secret = $2, updated_at = now() \
+         WHERE subscription_id = $1 RETURNING {COLUMNS}"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).bind(new).bind(overlap.as_secs_f64()).fetch_optional(pool).await
+}
+
 pub async fn get(pool: &PgPool, id: &str) -> Result<Option<Subscription>, sqlx::Error> {
     let sql = format!("SELECT {COLUMNS} FROM event.event_subscriptions WHERE subscription_id = $1");
     sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(pool).await
@@ -239,5 +272,37 @@ mod tests {
         assert!(secret.expose().starts_with("whsec_"));
         assert_ne!(secret, new_secret());
         assert_eq!(format!("{secret:?}"), "[redacted]");
+    }
+
+    #[test]
+    fn a_replaced_secret_signs_until_its_overlap_ends() {
+        let now = Utc::now();
+        let mut subscription = Subscription {
+            subscription_id: "s".into(),
+            subscriber_name: "n".into(),
+            subscriber_type: "service".into(),
+            event_types: vec![],
+            event_sources: None,
+            event_categories: None,
+            callback_url: None,
+            webhook_secret: Secret::new("new-secret"),
+            previous_secret: None,
+            previous_secret_expires_at: None,
+            enabled: true,
+            retry_policy: Json(RetryPolicy::default()),
+            rate_limit_per_second: None,
+            failing_since: None,
+            disabled_reason: None,
+            created_at: now,
+            updated_at: now,
+        };
+        assert_eq!(subscription.signing_secrets(now), ["new-secret"]);
+        subscription.previous_secret = Some(Secret::new("old-secret"));
+        subscription.previous_secret_expires_at = Some(now + chrono::Duration::seconds(60));
+        assert_eq!(subscription.signing_secrets(now), ["new-secret", "old-secret"]);
+        assert_eq!(subscription.signing_secrets(now + chrono::Duration::seconds(60)), ["new-secret"]);
+        let shown = serde_json::to_value(&subscription).expect("serializes");
+        assert!(shown.get("previous_secret").is_none(), "the old secret is never shown");
+        assert!(shown["previous_secret_expires_at"].is_string());
     }
 }

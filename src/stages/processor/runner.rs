@@ -105,7 +105,7 @@ impl Runner {
                     body: payload,
                     headers,
                     timeout: Some(*timeout),
-                    signed: secret.as_ref().map(|secret| (secret.expose(), webhook_id.as_str())),
+                    signed: secret.as_ref().map(|secret| (vec![secret.expose()], webhook_id.as_str())),
                 };
                 match self.callbacks.post(request).await {
                     Posted::Refused(error) => RunOutcome::Failed(format!("callback URL {error}")),

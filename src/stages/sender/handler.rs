@@ -231,7 +231,7 @@ impl Handler {
             body,
             headers,
             timeout: None,
-            signed: Some((subscription.webhook_secret.expose(), webhook_id.as_str())),
+            signed: Some((subscription.signing_secrets(Utc::now()), webhook_id.as_str())),
         };
         let posted = self.callbacks.post(request).await;
         if let Posted::Answered(answer) = &posted {
