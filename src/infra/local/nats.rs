@@ -97,6 +97,17 @@ impl LocalNats {
         self.child.id()
     }
 
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().and_then(|port| port.parse().ok()).unwrap_or(0)
+    }
+
     /// Stops the server and waits for it.
     pub fn stop(&mut self) {
         signal(self.child.id(), libc::SIGTERM);
@@ -130,6 +141,9 @@ struct PortsFile {
 /// replicas survive the loss of any one of them.
 pub struct NatsCluster {
     pub servers: Vec<LocalNats>,
+    binary: PathBuf,
+    /// Each server's folder and extra arguments, to start it again.
+    recipes: Vec<(PathBuf, Vec<String>)>,
 }
 
 impl NatsCluster {
@@ -139,6 +153,7 @@ impl NatsCluster {
         let route_ports = (0..size).map(|_| super::free_port()).collect::<anyhow::Result<Vec<_>>>()?;
         let routes: Vec<String> = route_ports.iter().map(|port| format!("nats://127.0.0.1:{port}")).collect();
         let mut servers = Vec::with_capacity(size);
+        let mut recipes = Vec::with_capacity(size);
         for (index, port) in route_ports.iter().enumerate() {
             let name = format!("nats-{}", index + 1);
             let extra = [
@@ -152,8 +167,9 @@ impl NatsCluster {
                 routes.join(","),
             ];
             servers.push(LocalNats::start_with(binary, &dir.join(&name), 0, &extra)?);
+            recipes.push((dir.join(&name), extra.to_vec()));
         }
-        let cluster = Self { servers };
+        let cluster = Self { servers, binary: binary.to_owned(), recipes };
         cluster.wait_for_meta_leader()?;
         Ok(cluster)
     }
@@ -163,6 +179,15 @@ impl NatsCluster {
     pub fn url_from(&self, first: usize) -> String {
         let count = self.servers.len();
         (0..count).map(|offset| self.servers[(first + offset) % count].url.as_str()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Starts server `index` again (after a kill or stop) on its old client port, with its
+    /// data, and waits until it answers.
+    pub fn restart(&mut self, index: usize) -> anyhow::Result<()> {
+        let (dir, extra) = &self.recipes[index];
+        let port = self.servers[index].port();
+        self.servers[index] = LocalNats::start_with(&self.binary, dir, port, extra)?;
+        Ok(())
     }
 
     fn wait_for_meta_leader(&self) -> anyhow::Result<()> {

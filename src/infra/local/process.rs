@@ -34,6 +34,12 @@ impl LocalProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// SIGKILL: a crash, nothing finished.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM (it finishes the work in hand), then SIGKILL after `grace`.
     pub fn stop(&mut self, grace: Duration) {
         if !self.running() {
