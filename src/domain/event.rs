@@ -66,11 +66,14 @@ impl StreamId {
     }
 
     /// The stream membership rule of ARCHITECTURE.md for events that name no stream: the
-    /// user's stream when there is a user, else the device's, else none.
+    /// user's stream when there is a user, else the device's, else none. An id that makes no
+    /// valid stream id (blank, with control characters, too long) makes no stream: every stage
+    /// derives the same stream from the same event, and the persister never meets one it
+    /// would refuse.
     pub fn implicit(user_id: Option<&str>, device_id: Option<&str>) -> Option<Self> {
         match (user_id, device_id) {
-            (Some(user), _) => Some(Self(format!("user:{user}"))),
-            (None, Some(device)) => Some(Self(format!("device:{device}"))),
+            (Some(user), _) => Self::parse(&format!("user:{user}")),
+            (None, Some(device)) => Self::parse(&format!("device:{device}")),
             (None, None) => None,
         }
     }
@@ -84,8 +87,7 @@ impl StreamId {
         &self.0
     }
 
-    /// Entity type and id, when both are non-empty (an implicit stream of an empty user id
-    /// has no entity to project).
+    /// Entity type and id, when both are non-empty.
     pub fn parts(&self) -> Option<(&str, &str)> {
         self.0.split_once(':').filter(|(kind, id)| !kind.is_empty() && !id.is_empty())
     }
@@ -165,7 +167,9 @@ mod tests {
         for bad in ["nocolon", ":x", "x:", " :x", "a:b\n", &format!("a:{}", "x".repeat(254))] {
             assert!(StreamId::parse(bad).is_none(), "{bad:?}");
         }
-        assert_eq!(StreamId::implicit(Some(""), None).unwrap().parts(), None);
+        for bad_user in ["", "   ", "a\nb", &"u".repeat(251)] {
+            assert_eq!(StreamId::implicit(Some(bad_user), Some("d1")), None, "{bad_user:?}");
+        }
         assert!(serde_json::from_str::<StreamId>("\"nocolon\"").is_err());
     }
 }

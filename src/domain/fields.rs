@@ -7,11 +7,12 @@
 
 use std::ops::RangeInclusive;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::parse::object_contains_nul;
 use super::pattern::EventTypePattern;
 
 /// One problem with one field of a request.
@@ -39,21 +40,32 @@ impl FieldError {
     }
 }
 
-/// The body as an object, or the one error that says it is not.
+/// The body as an object, or the one error that says it is not, or that it holds a NUL
+/// character somewhere (PostgreSQL can store none, in text or in JSON, nor compare with one).
 pub fn object_body(body: &Value) -> Result<&Map<String, Value>, Vec<FieldError>> {
-    body.as_object().ok_or_else(|| vec![FieldError::new("body", "must be a JSON object")])
+    let map = body.as_object().ok_or_else(|| vec![FieldError::new("body", "must be a JSON object")])?;
+    if object_contains_nul(map) {
+        return Err(vec![FieldError::new("body", "must not contain NUL (\\u0000) characters")]);
+    }
+    Ok(map)
 }
 
+/// The years a timestamp may be in (UTC): what RFC 3339 can write. Well inside what
+/// PostgreSQL keeps (4713 BC to 294276 AD), and far enough inside chrono's range that the
+/// difference of two such times can be added to any of them.
+pub const TIMESTAMP_YEARS: RangeInclusive<i32> = 0..=9999;
+
 /// Parses a timestamp the way producers send them: RFC 3339, or ISO 8601 without an offset
-/// (taken as UTC, as Python's `datetime.isoformat()` writes it).
+/// (taken as UTC, as Python's `datetime.isoformat()` writes it), in [`TIMESTAMP_YEARS`].
 pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
-    if let Ok(parsed) = DateTime::parse_from_rfc3339(text) {
-        return Some(parsed.with_timezone(&Utc));
-    }
-    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
-        .iter()
-        .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
-        .map(|naive| naive.and_utc())
+    let parsed = match DateTime::parse_from_rfc3339(text) {
+        Ok(parsed) => parsed.with_timezone(&Utc),
+        Err(_) => ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+            .iter()
+            .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())?
+            .and_utc(),
+    };
+    TIMESTAMP_YEARS.contains(&parsed.year()).then_some(parsed)
 }
 
 /// Field readers over one request object that record errors as they go. A reader returns
@@ -220,6 +232,15 @@ mod tests {
         assert_eq!(FieldError::new("event_type", "x").nested("[3]").field, "[3].event_type");
         assert_eq!(FieldError::new("", "x").nested("[3]").field, "[3]");
         assert_eq!(FieldError::new("[1]", "x").nested("events").field, "events[1]");
+    }
+
+    #[test]
+    fn request_bodies_are_objects_without_nul() {
+        assert!(object_body(&json!({"a": ["b", {"c": "d"}]})).is_ok());
+        for bad in [json!([1]), json!({"a": ["b\u{0}"]}), json!({"a\u{0}": 1})] {
+            let errors = object_body(&bad).unwrap_err();
+            assert_eq!(errors[0].field, "body", "{bad}");
+        }
     }
 
     #[test]

@@ -254,6 +254,14 @@ mod tests {
         assert!(parse_timestamp("2025-12-30T10:00:00.123+02:00").is_some());
         assert!(parse_timestamp("2025-12-30T10:00:00.123456").is_some());
         assert!(parse_timestamp("30/12/2025").is_none());
+        // What PostgreSQL cannot keep (or chrono cannot move) is refused here, not when stored.
+        assert!(parse_timestamp("0000-01-01T00:00:00Z").is_some());
+        assert!(parse_timestamp("9999-12-31T23:59:59.999999Z").is_some());
+        for far in
+            ["-200000-01-01T00:00:00", "+200000-01-01T00:00:00", "-0001-12-31 00:00:00", "0000-01-01T00:00:00+01:00"]
+        {
+            assert!(parse_timestamp(far).is_none(), "{far}");
+        }
     }
 
     #[test]

@@ -31,6 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::Next;
+use axum::response::Response;
 use axum::routing::{MethodRouter, get, post, put};
 use axum::{Extension, Router};
 use sqlx::PgPool;
@@ -223,6 +225,7 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
         .merge(open)
         .fallback(|| async { ApiError::NotFound("Endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn(refuse_nul))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe::count))
         .layer(RequestDecompressionLayer::new())
         .layer(DefaultBodyLimit::disable())
@@ -231,6 +234,17 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
         .layer(axum::middleware::from_fn(observe::trace))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state))
+}
+
+/// Refuses a URL with a NUL character (`%00`) in its path or query: PostgreSQL stores no NUL,
+/// so no id or filter holds one, and looking one up would fail in the database instead.
+async fn refuse_nul(request: Request, next: Next) -> Result<Response, ApiError> {
+    let uri = request.uri();
+    let has_nul = |text: &str| text.contains("%00");
+    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
+        return Err(ApiError::BadRequest("The URL must not contain NUL characters (%00)".to_owned()));
+    }
+    Ok(next.run(request).await)
 }
 
 /// A route that reads at most `bytes` of body (once decoded).

@@ -15,9 +15,10 @@
 //!   `timestamp`, `originalTimestamp`, `sentAt`, `receivedAt`, `channel`, `integrations`,
 //!   `groupId`, `previousId`) are kept in `metadata`.
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Datelike, Duration, Utc};
 use serde_json::{Map, Value, json};
 
+use crate::domain::fields::TIMESTAMP_YEARS;
 use crate::domain::parse::parse_timestamp;
 use crate::domain::{EventCategory, EventSource, FieldError, event_id_from_key};
 
@@ -148,10 +149,14 @@ pub fn event_time(message: &Map<String, Value>, origin: Origin) -> Option<DateTi
 }
 
 /// A client time moved by the client clock's offset, when it is off by more than
-/// [`CLOCK_TOLERANCE`].
+/// [`CLOCK_TOLERANCE`]. A correction that lands outside [`TIMESTAMP_YEARS`] says the client's
+/// times are nonsense: then the time it was received.
 pub fn corrected(client: DateTime<Utc>, sent: DateTime<Utc>, received: DateTime<Utc>) -> DateTime<Utc> {
     let skew = received - sent;
-    if skew.abs() <= CLOCK_TOLERANCE { client } else { received - (sent - client) }
+    if skew.abs() <= CLOCK_TOLERANCE {
+        return client;
+    }
+    received.checked_sub_signed(sent - client).filter(|time| TIMESTAMP_YEARS.contains(&time.year())).unwrap_or(received)
 }
 
 /// Ids arrive as strings or numbers.
@@ -233,6 +238,9 @@ mod tests {
         assert_eq!(event_time(message.as_object().unwrap(), sdk), Some(at("2026-01-01T12:00:00Z")));
         // No client time at all: when it was received.
         assert_eq!(event_time(&Map::new(), sdk), Some(received));
+        // A correction that would leave the years a timestamp may have: when it was received.
+        let message = json!({"originalTimestamp": "0000-01-01T00:00:00Z", "sentAt": "9999-12-31T00:00:00Z"});
+        assert_eq!(event_time(message.as_object().unwrap(), sdk), Some(received));
         // The webhook's times are RudderStack's, already corrected.
         let message = json!({"originalTimestamp": "2026-01-01T11:00:00Z", "sentAt": "2026-01-01T11:00:05Z"});
         assert_eq!(event_time(message.as_object().unwrap(), Origin::Webhook), Some(at("2026-01-01T11:00:00Z")));
