@@ -734,6 +734,11 @@ fn corpus(seeds: &Seeds) -> Vec<Probe> {
         probes.extend(probes_here);
     }
     probes.extend(path_probes(get.clone(), "/api/v1/events/subscriptions/{subscription_id}/secret", &subscription_id));
+    let rotate = "/api/v1/events/subscriptions/{subscription_id}/secret/rotate";
+    probes.extend(path_probes(post.clone(), rotate, &subscription_id));
+    let rotate_path = format!("{subscription_path}/secret/rotate");
+    let rotate_fields = ["overlap_seconds", "webhook_secret"];
+    probes.extend(body_endpoint(post.clone(), &rotate_path, &[("overlap_seconds", "0")], &rotate_fields));
     probes.extend(path_probes(
         get.clone(),
         "/api/v1/events/subscriptions/{subscription_id}/deliveries",
