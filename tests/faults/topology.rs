@@ -71,7 +71,12 @@ impl Topology {
     /// Servers, the schema, every stage ready, a subscription to `fault.>` at the receiver.
     pub async fn start(cluster: bool) -> Self {
         event_service::infra::callback::install_crypto_provider();
-        let dir = tempfile::Builder::new().prefix("evsvc-faults-").tempdir().expect("temp dir");
+        let mut dir = tempfile::Builder::new().prefix("evsvc-faults-").tempdir().expect("temp dir");
+        if std::env::var_os("EVENT_CHAOS_SUMMARY").is_some() {
+            // A soak keeps its logs and data for a look afterwards.
+            dir.disable_cleanup(true);
+            eprintln!("chaos: logs and data under {}", dir.path().display());
+        }
         let nats = match cluster {
             false => Nats::Single(LocalNats::start(&nats_server_bin(), &dir.path().join("nats"), 0).expect("nats")),
             true => Nats::Cluster(NatsCluster::start(&nats_server_bin(), dir.path(), 3).expect("nats cluster")),
