@@ -43,6 +43,13 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A client error the HTTP framework answered (an unreadable query string or path
+    /// parameter), with its status.
+    #[error("bad request: {1}")]
+    BadRequestStatus(StatusCode, String),
+    /// A `Content-Encoding` the gateway does not undo.
+    #[error("unsupported content encoding")]
+    UnsupportedEncoding,
     #[error("event bus unavailable")]
     Bus(#[from] BusError),
     /// The in-flight bound is full: nothing of the request was published.
@@ -138,6 +145,13 @@ impl IntoResponse for ApiError {
                 None,
             ),
             ApiError::BadRequest(detail) => (StatusCode::BAD_REQUEST, "bad_request", detail.clone(), None),
+            ApiError::BadRequestStatus(status, detail) => (*status, "bad_request", detail.clone(), None),
+            ApiError::UnsupportedEncoding => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_encoding",
+                "Content-Encoding must be gzip, deflate or identity".to_owned(),
+                None,
+            ),
             ApiError::Bus(error) if error.is_payload_too_large() => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "event_too_large",

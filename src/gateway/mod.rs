@@ -31,8 +31,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::StatusCode;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post, put};
 use axum::{Extension, Router};
 use sqlx::PgPool;
@@ -226,6 +227,7 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
         .fallback(|| async { ApiError::NotFound("Endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn(refuse_nul))
+        .layer(axum::middleware::map_response(error_shape))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe::count))
         .layer(RequestDecompressionLayer::new())
         .layer(DefaultBodyLimit::disable())
@@ -245,6 +247,40 @@ async fn refuse_nul(request: Request, next: Next) -> Result<Response, ApiError> 
         return Err(ApiError::BadRequest("The URL must not contain NUL characters (%00)".to_owned()));
     }
     Ok(next.run(request).await)
+}
+
+/// Puts the framework's own 4xx answers (a query string or path parameter axum cannot read,
+/// tower-http's bare 415 for a `Content-Encoding` it does not undo) in the `Error` shape, so
+/// every client error has a stable `code`.
+async fn error_shape(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024).await.unwrap_or_default();
+    let mut shaped = framework_error(status, &String::from_utf8_lossy(&text)).into_response();
+    for (name, value) in &parts.headers {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            shaped.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    shaped
+}
+
+/// The error a framework's plain 4xx answer stands for.
+fn framework_error(status: StatusCode, text: &str) -> ApiError {
+    match status {
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedEncoding,
+        status => {
+            let detail = if text.trim().is_empty() { status.to_string() } else { text.trim().to_owned() };
+            ApiError::BadRequestStatus(status, detail)
+        }
+    }
 }
 
 /// A route that reads at most `bytes` of body (once decoded).
@@ -297,5 +333,16 @@ mod tests {
         assert!(check_keys(&none, public, true).is_ok());
         assert!(check_keys(&admin, public, false).is_ok());
         assert!(matches!(check_keys(&ingest_only, local, false), Err(GatewayError::IngestKeysWithoutAdmin)));
+    }
+
+    #[test]
+    fn the_frameworks_plain_answers_keep_their_status_and_get_a_code() {
+        let query =
+            framework_error(StatusCode::BAD_REQUEST, "Failed to deserialize query string: limit: invalid digit\n");
+        assert!(matches!(&query, ApiError::BadRequestStatus(StatusCode::BAD_REQUEST, detail)
+            if detail == "Failed to deserialize query string: limit: invalid digit"));
+        assert!(matches!(framework_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, ""), ApiError::UnsupportedEncoding));
+        assert!(matches!(framework_error(StatusCode::URI_TOO_LONG, " "),
+            ApiError::BadRequestStatus(StatusCode::URI_TOO_LONG, detail) if detail == "414 URI Too Long"));
     }
 }
