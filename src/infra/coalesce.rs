@@ -3,7 +3,8 @@
 //!
 //! Reads and writes nothing itself; the work function does. Guarantees:
 //! - No timer: a lone caller is served at once; under load the items that arrived while the
-//!   previous call ran go together (at most `max` per call), so one round trip serves many.
+//!   calls in flight ran go together (at most `max` per call, at most `parallel` calls at
+//!   once), so one round trip serves many.
 //! - Every caller gets an answer: its own output, the call's error (shared), or
 //!   [`Gone`] when the worker has stopped.
 //! - The worker task ends when the last handle is dropped.
@@ -12,6 +13,8 @@ use std::error::Error;
 use std::future::Future;
 use std::sync::Arc;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
 
 /// The shared error of one call, or of a worker that is gone.
@@ -31,32 +34,31 @@ pub struct Coalescer<I, O> {
 
 impl<I: Send + 'static, O: Send + 'static> Coalescer<I, O> {
     /// Spawns the worker. `work` gets up to `max` items and must answer with one output per
-    /// item, in order.
-    pub fn spawn<F, Fut, E>(max: usize, work: F) -> Self
+    /// item, in order; up to `parallel` of its calls run at once.
+    pub fn spawn<F, Fut, E>(max: usize, parallel: usize, work: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Vec<O>, E>> + Send,
+        Fut: Future<Output = Result<Vec<O>, E>> + Send + 'static,
         E: Error + Send + Sync + 'static,
     {
-        let max = max.max(1);
+        let (max, parallel) = (max.max(1), parallel.max(1));
         let (items, mut queue) = mpsc::channel::<(I, Reply<O>)>(max * 4);
         tokio::spawn(async move {
+            let mut calls = FuturesUnordered::new();
             let mut gathered = Vec::with_capacity(max);
-            while queue.recv_many(&mut gathered, max).await > 0 {
-                let (inputs, replies): (Vec<I>, Vec<Reply<O>>) = gathered.drain(..).unzip();
-                match work(inputs).await {
-                    Ok(outputs) if outputs.len() == replies.len() => {
-                        for (reply, output) in replies.into_iter().zip(outputs) {
-                            let _ = reply.send(Ok(output));
+            loop {
+                tokio::select! {
+                    received = queue.recv_many(&mut gathered, max), if calls.len() < parallel => {
+                        if received == 0 {
+                            break;
                         }
+                        let (inputs, replies): (Vec<I>, Vec<Reply<O>>) = gathered.drain(..).unzip();
+                        calls.push(answer(work(inputs), replies));
                     }
-                    Ok(outputs) => {
-                        let failure: Failure = Arc::new(Mismatch { expected: replies.len(), got: outputs.len() });
-                        answer_all(replies, &failure);
-                    }
-                    Err(error) => answer_all(replies, &(Arc::new(error) as Failure)),
+                    Some(()) = calls.next(), if !calls.is_empty() => {}
                 }
             }
+            while calls.next().await.is_some() {}
         });
         Self { items }
     }
@@ -66,6 +68,25 @@ impl<I: Send + 'static, O: Send + 'static> Coalescer<I, O> {
         let (reply, answer) = oneshot::channel();
         self.items.send((item, reply)).await.map_err(|_| Arc::new(Gone) as Failure)?;
         answer.await.map_err(|_| Arc::new(Gone) as Failure)?
+    }
+}
+
+/// Runs one call and answers each of its callers.
+async fn answer<O, E: Error + Send + Sync + 'static>(
+    call: impl Future<Output = Result<Vec<O>, E>>,
+    replies: Vec<Reply<O>>,
+) {
+    match call.await {
+        Ok(outputs) if outputs.len() == replies.len() => {
+            for (reply, output) in replies.into_iter().zip(outputs) {
+                let _ = reply.send(Ok(output));
+            }
+        }
+        Ok(outputs) => {
+            let failure: Failure = Arc::new(Mismatch { expected: replies.len(), got: outputs.len() });
+            answer_all(replies, &failure);
+        }
+        Err(error) => answer_all(replies, &(Arc::new(error) as Failure)),
     }
 }
 
@@ -97,7 +118,7 @@ mod tests {
     async fn concurrent_callers_share_calls_and_each_gets_its_own_answer() {
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
-        let doubler = Coalescer::spawn(64, move |items: Vec<u32>| {
+        let doubler = Coalescer::spawn(64, 2, move |items: Vec<u32>| {
             counted.fetch_add(1, Ordering::SeqCst);
             async move {
                 tokio::task::yield_now().await;
@@ -113,14 +134,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_call_fails_each_of_its_callers() {
-        let refuser = Coalescer::spawn(8, |_items: Vec<u32>| async { Err::<Vec<u32>, _>(Refused) });
+        let refuser = Coalescer::spawn(8, 2, |_items: Vec<u32>| async { Err::<Vec<u32>, _>(Refused) });
         let answers = futures::future::join_all((0..3).map(|n| refuser.call(n))).await;
         assert!(answers.iter().all(|answer| answer.as_ref().is_err_and(|error| error.to_string() == "refused")));
     }
 
     #[tokio::test]
     async fn a_short_answer_is_an_error_not_a_hang() {
-        let short = Coalescer::spawn(8, |_items: Vec<u32>| async { Ok::<_, Refused>(Vec::<u32>::new()) });
+        let short = Coalescer::spawn(8, 1, |_items: Vec<u32>| async { Ok::<_, Refused>(Vec::<u32>::new()) });
         assert!(short.call(1).await.is_err());
     }
 }

@@ -36,11 +36,17 @@ use crate::wire::TraceContext;
 use crate::wire::deliveries::{self as delivery, DeliveryKey};
 use crate::wire::domain_events::{DomainEvent, SubscriptionDisabled};
 
+/// Group-commit calls to PostgreSQL at once, per kind (attempt reads, attempt records).
+const DB_CALLS: usize = 4;
+
 pub(super) struct Handler {
     pub registry: Arc<SubscriptionRegistry>,
     pub callbacks: Callbacks,
     pub limits: Limits,
     pub lanes: Lanes,
+    /// Webhook calls at once (`EVENT_SENDER_CONCURRENCY`); deliveries waiting on PostgreSQL
+    /// do not hold one.
+    pub calls: tokio::sync::Semaphore,
     /// The highest attempt recorded for a (subscription, event), 0 for none.
     pub prior: Coalescer<(String, Uuid), i32>,
     pub recorder: Coalescer<Record, ()>,
@@ -61,7 +67,7 @@ impl Handler {
         let timeout = Duration::from_millis(settings.delivery_timeout_ms);
         let group = settings.sender_concurrency.max(1) * 2;
         let reads = pool.clone();
-        let prior = Coalescer::spawn(group, move |keys: Vec<(String, Uuid)>| {
+        let prior = Coalescer::spawn(group, DB_CALLS, move |keys: Vec<(String, Uuid)>| {
             let pool = reads.clone();
             async move {
                 let found = deliveries::latest_attempts(&pool, &keys).await?;
@@ -69,7 +75,7 @@ impl Handler {
             }
         });
         let (writes, announcer, disable_after) = (pool, bus.clone(), settings.disable_after_secs);
-        let recorder = Coalescer::spawn(group, move |records: Vec<Record>| {
+        let recorder = Coalescer::spawn(group, DB_CALLS, move |records: Vec<Record>| {
             let (pool, bus) = (writes.clone(), announcer.clone());
             async move {
                 record(&pool, &bus, disable_after, &records).await?;
@@ -81,6 +87,7 @@ impl Handler {
             callbacks,
             limits: Limits::default(),
             lanes: Lanes::new(usize::from(settings.sender_subscription_concurrency), timeout),
+            calls: tokio::sync::Semaphore::new(settings.sender_concurrency.max(1)),
             prior,
             recorder,
             unrecorded: Default::default(),
@@ -156,12 +163,16 @@ impl Handler {
                             return Attempted::unrecorded(Outcome::Retry { after: wait.mul_f64(1.0 + jitter()) });
                         }
                     };
-                    let prior = match self.prior.call((key.subscription_id.clone(), key.event_id)).await {
-                        Ok(prior) => prior,
-                        Err(error) => {
-                            tracing::warn!(stage = STAGE, error = %error, "cannot read earlier attempts; retrying");
-                            return Attempted::unrecorded(Outcome::Retry { after: Duration::from_secs(1) });
-                        }
+                    let delivered = message.info().map_or(0, |info| info.delivered);
+                    let prior = match verdict::known_prior(delivered, key.base) {
+                        Some(prior) => prior,
+                        None => match self.prior.call((key.subscription_id.clone(), key.event_id)).await {
+                            Ok(prior) => prior,
+                            Err(error) => {
+                                tracing::warn!(stage = STAGE, error = %error, "cannot read earlier attempts; retrying");
+                                return Attempted::unrecorded(Outcome::Retry { after: Duration::from_secs(1) });
+                            }
+                        },
                     };
                     let attempt = prior + 1;
                     let trace = TraceContext::from_nats(message.headers.as_ref())
@@ -233,7 +244,9 @@ impl Handler {
             timeout: None,
             signed: Some((subscription.signing_secrets(Utc::now()), webhook_id.as_str())),
         };
+        let call = self.calls.acquire().await;
         let posted = self.callbacks.post(request).await;
+        drop(call);
         if let Posted::Answered(answer) = &posted {
             lane.took(Duration::from_secs_f64(answer.duration_ms / 1000.0));
         }

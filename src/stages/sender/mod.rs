@@ -15,8 +15,8 @@
 //!   when PostgreSQL is back, without calling the subscribers again.
 //! - A delivery for a deleted subscription is dropped; for a disabled one it is recorded as
 //!   skipped (so `recover` can queue it again); a refused address is recorded, not retried.
-//! - Deliveries are independent: each holds one of `EVENT_SENDER_CONCURRENCY` slots only
-//!   while it is being sent and recorded, and at most `EVENT_SENDER_SUBSCRIPTION_CONCURRENCY`
+//! - Deliveries are independent: each holds one of `EVENT_SENDER_CONCURRENCY` call slots only
+//!   while it is being sent (and a place in hand until it is recorded), and at most `EVENT_SENDER_SUBSCRIPTION_CONCURRENCY`
 //!   of one subscription's are in flight at once (the rest wait in JetStream), so a slow or
 //!   dead endpoint costs only its own deliveries.
 //! - `rate_limit_per_second` holds per sender process (a delivery over it waits in JetStream).
@@ -61,7 +61,9 @@ impl Sender {
         callbacks: &CallbackArgs,
     ) -> Result<Self, StageError> {
         let callbacks = Callbacks::new(callbacks, Duration::from_millis(settings.delivery_timeout_ms))?;
-        let window = settings.sender_concurrency.max(1);
+        // Deliveries in hand: twice the webhook calls, so that reads and records of
+        // PostgreSQL overlap the calls.
+        let window = settings.sender_concurrency.max(1) * 2;
         let consume = ConsumeLoop::build(&bus, streams::DELIVERIES, STAGE, window * 2).await?;
         let handler = Handler::new(pool, bus, registry, callbacks, settings);
         Ok(Self { consume, handler, window })

@@ -84,6 +84,14 @@ fn failed(status: DeliveryStatus, outcome: Outcome) -> Decision {
     Decision { status, outcome, retry_in: None, disable: None }
 }
 
+/// The attempts already made for a delivery, when its message says so without asking
+/// PostgreSQL: on the message's first delivery nothing was tried since it was queued, so the
+/// count is the base it was queued with (0 from the dispatcher; the attempts so far for a
+/// resend or recover). A redelivered message may have been tried: `None`, look it up.
+pub fn known_prior(delivered: i64, base: i32) -> Option<i32> {
+    (delivered == 1).then_some(base)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +140,13 @@ mod tests {
         let refused = decide(&Posted::Refused(CallbackError::NoHost), &policy(), 0, "s", 0.0);
         assert_eq!(refused.status, DeliveryStatus::Refused);
         assert!(matches!(refused.outcome, Outcome::Reject(ref r) if r.code == "callback_refused"));
+    }
+
+    #[test]
+    fn only_a_first_delivery_knows_its_attempts_without_a_lookup() {
+        assert_eq!(known_prior(1, 0), Some(0));
+        assert_eq!(known_prior(1, 3), Some(3), "a resend starts after the attempts made so far");
+        assert_eq!(known_prior(2, 0), None, "redelivered: it may have been tried");
+        assert_eq!(known_prior(0, 0), None, "no delivery count: look it up");
     }
 }
