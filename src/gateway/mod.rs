@@ -227,9 +227,10 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
         .fallback(|| async { ApiError::NotFound("Endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn(refuse_nul))
-        .layer(axum::middleware::map_response(error_shape))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe::count))
         .layer(RequestDecompressionLayer::new())
+        // Outside the decompression layer, so its bare 415 gets the error shape too.
+        .layer(axum::middleware::map_response(error_shape))
         .layer(DefaultBodyLimit::disable())
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
