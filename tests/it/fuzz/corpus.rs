@@ -15,6 +15,14 @@ pub(super) struct Seeds {
     pub(super) replay_id: String,
 }
 
+impl Seeds {
+    /// Ids of nothing, for looking at the corpus without a service.
+    pub(super) fn placeholder() -> Self {
+        let id = "00000000-0000-7000-8000-000000000000".to_owned();
+        Self { event_id: id.clone(), processor_id: id.clone(), subscription_id: "s".to_owned(), replay_id: id }
+    }
+}
+
 pub(super) async fn seed(app: &TestApp) -> Seeds {
     let event_id = app.create(json!({"event_type": "fuzz.seed", "user_id": "fuzz-user"})).await;
     let (status, processor) = app

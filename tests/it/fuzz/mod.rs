@@ -205,3 +205,31 @@ async fn hostile_input_gets_4xx_and_the_service_keeps_working() {
         failures.join("\n  ")
     );
 }
+
+/// The path templates of the OpenAPI document (`  /api/v1/...:` lines under `paths`).
+fn documented_paths() -> Vec<&'static str> {
+    include_str!("../../../docs/openapi.yaml")
+        .lines()
+        .filter_map(|line| line.strip_prefix("  /").and_then(|rest| rest.strip_suffix(':')))
+        .collect()
+}
+
+/// Whether a concrete path (query left out) fits a template (`{name}` is one segment).
+fn fits(template: &str, path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or("").trim_start_matches('/');
+    let (template, path): (Vec<&str>, Vec<&str>) = (template.split('/').collect(), path.split('/').collect());
+    template.len() == path.len()
+        && template.iter().zip(&path).all(|(want, got)| (want.starts_with('{') && !got.is_empty()) || want == got)
+}
+
+#[test]
+fn the_corpus_probes_every_documented_path() {
+    let seeds = corpus::Seeds::placeholder();
+    let probes = corpus(&seeds);
+    let missing: Vec<&str> = documented_paths()
+        .into_iter()
+        .filter(|template| !probes.iter().any(|probe| fits(template, &probe.path)))
+        .collect();
+    assert!(documented_paths().len() > 30, "the OpenAPI paths are read");
+    assert!(missing.is_empty(), "paths of docs/openapi.yaml the fuzz corpus does not probe: {missing:?}");
+}
