@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::StreamError;
-use async_nats::jetstream::consumer::pull::{MessagesErrorKind, Stream as MessageStream};
+use async_nats::jetstream::consumer::pull::{MessagesError, MessagesErrorKind, Stream as MessageStream};
 use async_nats::jetstream::{AckKind, Message};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::{FutureExt, StreamExt};
@@ -134,19 +134,7 @@ impl ConsumeLoop {
     /// settled first.
     pub async fn run<H: BatchHandler>(self, handler: &H, token: CancellationToken) -> Result<(), ConsumeError> {
         let stage = self.stage;
-        let mut connect_pauses = pauses();
-        'connect: while !token.is_cancelled() {
-            let mut messages = match self.pull().await {
-                Ok(messages) => messages,
-                Err(error) => {
-                    let pause = connect_pauses.next().unwrap_or(MAX_PAUSE);
-                    tracing::warn!(stage, error = %error, retry_in_ms = pause.as_millis() as u64,
-                        "cannot start pulling; retrying");
-                    sleep_or_cancel(pause, &token).await;
-                    continue;
-                }
-            };
-            connect_pauses = pauses();
+        'connect: while let Some(mut messages) = self.connect(&token).await {
             loop {
                 let first = tokio::select! {
                     _ = token.cancelled() => {
@@ -161,21 +149,11 @@ impl ConsumeLoop {
                         }
                     },
                 };
-                let mut batch = Vec::new();
-                match first {
-                    None => {
-                        tracing::warn!(stage, "message stream ended; pulling again");
-                        continue 'connect;
-                    }
-                    Some(Err(error)) => {
-                        if error.kind() == MessagesErrorKind::ConsumerDeleted {
-                            return Err(ConsumeError::ConsumerDeleted(stage.to_owned()));
-                        }
-                        tracing::warn!(stage, error = %error, error.kind = ?error.kind(), "pull error");
-                        continue;
-                    }
-                    Some(Ok(message)) => batch.push(message),
-                }
+                let mut batch = match pulled(stage, first)? {
+                    Pulled::Message(message) => vec![message],
+                    Pulled::Reconnect => continue 'connect,
+                    Pulled::Nothing => continue,
+                };
                 gather(&mut messages, &mut batch, self.max_batch).await;
                 self.handle(handler, &batch, &token).await;
             }
@@ -197,19 +175,7 @@ impl ConsumeLoop {
         let stage = self.stage;
         let window = window.max(1);
         let mut in_hand = futures::stream::FuturesUnordered::new();
-        let mut connect_pauses = pauses();
-        'connect: while !token.is_cancelled() {
-            let mut messages = match self.pull().await {
-                Ok(messages) => messages,
-                Err(error) => {
-                    let pause = connect_pauses.next().unwrap_or(MAX_PAUSE);
-                    tracing::warn!(stage, error = %error, retry_in_ms = pause.as_millis() as u64,
-                        "cannot start pulling; retrying");
-                    sleep_or_cancel(pause, &token).await;
-                    continue;
-                }
-            };
-            connect_pauses = pauses();
+        'connect: while let Some(mut messages) = self.connect(&token).await {
             loop {
                 tokio::select! {
                     _ = token.cancelled() => {
@@ -217,21 +183,13 @@ impl ConsumeLoop {
                         break 'connect;
                     }
                     Some(()) = in_hand.next(), if !in_hand.is_empty() => {}
-                    next = messages.next(), if in_hand.len() < window => match next {
-                        None => {
-                            tracing::warn!(stage, "message stream ended; pulling again");
-                            continue 'connect;
-                        }
-                        Some(Err(error)) => {
-                            if error.kind() == MessagesErrorKind::ConsumerDeleted {
-                                return Err(ConsumeError::ConsumerDeleted(stage.to_owned()));
-                            }
-                            tracing::warn!(stage, error = %error, error.kind = ?error.kind(), "pull error");
-                        }
-                        Some(Ok(message)) => {
+                    next = messages.next(), if in_hand.len() < window => match pulled(stage, next)? {
+                        Pulled::Message(message) => {
                             let (this, token) = (&self, &token);
                             in_hand.push(async move { this.handle(handler, std::slice::from_ref(&message), token).await });
                         }
+                        Pulled::Reconnect => continue 'connect,
+                        Pulled::Nothing => {}
                     },
                 }
             }
@@ -239,6 +197,24 @@ impl ConsumeLoop {
         while in_hand.next().await.is_some() {}
         tracing::info!(stage, "consumer stopped");
         Ok(())
+    }
+
+    /// Starts pulling, trying again after a growing pause until it works; `None` once
+    /// cancelled.
+    async fn connect(&self, token: &CancellationToken) -> Option<MessageStream> {
+        let mut connect_pauses = pauses();
+        while !token.is_cancelled() {
+            match self.pull().await {
+                Ok(messages) => return Some(messages),
+                Err(error) => {
+                    let pause = connect_pauses.next().unwrap_or(MAX_PAUSE);
+                    tracing::warn!(stage = self.stage, error = %error, retry_in_ms = pause.as_millis() as u64,
+                        "cannot start pulling; retrying");
+                    sleep_or_cancel(pause, token).await;
+                }
+            }
+        }
+        None
     }
 
     /// Starts pulling: continuous pull requests of up to a batch each.
@@ -335,6 +311,33 @@ impl ConsumeLoop {
                 tracing::warn!(stage = self.stage, error = %error, "ack failed");
             }
         }
+    }
+}
+
+/// What the message stream gave.
+#[expect(clippy::large_enum_variant, reason = "lives for one match; boxing would allocate per message")]
+enum Pulled {
+    Message(Message),
+    /// The stream ended: pull again.
+    Reconnect,
+    /// A passing pull error (logged).
+    Nothing,
+}
+
+fn pulled(stage: &'static str, next: Option<Result<Message, MessagesError>>) -> Result<Pulled, ConsumeError> {
+    match next {
+        None => {
+            tracing::warn!(stage, "message stream ended; pulling again");
+            Ok(Pulled::Reconnect)
+        }
+        Some(Err(error)) if error.kind() == MessagesErrorKind::ConsumerDeleted => {
+            Err(ConsumeError::ConsumerDeleted(stage.to_owned()))
+        }
+        Some(Err(error)) => {
+            tracing::warn!(stage, error = %error, error.kind = ?error.kind(), "pull error");
+            Ok(Pulled::Nothing)
+        }
+        Some(Ok(message)) => Ok(Pulled::Message(message)),
     }
 }
 
