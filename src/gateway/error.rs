@@ -160,12 +160,13 @@ impl IntoResponse for ApiError {
             ),
             ApiError::Bus(error) => {
                 tracing::error!(error = %error, source = ?std::error::Error::source(error), "event bus error");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "nats_unavailable",
-                    "The event bus did not accept the events; nothing was accepted. Retry later.".to_owned(),
-                    None,
-                )
+                let detail = match error {
+                    BusError::ReadRaw { .. } | BusError::Delete { .. } | BusError::StreamLookup { .. } => {
+                        "The event bus could not be read or changed; nothing was changed. Retry later."
+                    }
+                    _ => "The event bus did not accept the events; nothing was accepted. Retry later.",
+                };
+                (StatusCode::SERVICE_UNAVAILABLE, "nats_unavailable", detail.to_owned(), None)
             }
             ApiError::Overloaded(path) => {
                 tracing::debug!(path, "overloaded; request refused");

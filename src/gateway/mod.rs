@@ -10,6 +10,7 @@
 mod admission;
 mod auth;
 mod cloudevents;
+mod deadletters;
 mod error;
 mod events;
 mod extract;
@@ -19,6 +20,7 @@ mod observe;
 mod processors;
 mod projections;
 mod public;
+mod redrive;
 mod replay;
 mod rudderstack;
 mod sorted;
@@ -203,6 +205,9 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
             post(subscriptions::resend),
         )
         .route("/api/v1/events/subscriptions/{subscription_id}/recover", limited(post(subscriptions::recover), single))
+        .route("/api/v1/events/deadletters", get(deadletters::list).delete(deadletters::purge))
+        .route("/api/v1/events/deadletters/redrive", limited(post(deadletters::redrive), single))
+        .route("/api/v1/events/deadletters/{seq}", get(deadletters::show).delete(deadletters::delete))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_admin));
     let ingest = Router::new()
         .route("/api/v1/events/frontend", browser(post(frontend::collect), single))

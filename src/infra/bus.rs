@@ -53,6 +53,10 @@ pub enum BusError {
     StreamLookup { name: String, source: jetstream::context::GetStreamError },
     #[error("cannot read message {sequence} of {stream}")]
     Read { stream: String, sequence: u64, source: jetstream::stream::DirectGetError },
+    #[error("cannot read message {sequence} of {stream}")]
+    ReadRaw { stream: String, sequence: u64, source: jetstream::stream::RawMessageError },
+    #[error("cannot delete message {sequence} of {stream}")]
+    Delete { stream: String, sequence: u64, source: jetstream::stream::DeleteMessageError },
     #[error("cannot encode a message")]
     Encode(#[from] serde_json::Error),
 }

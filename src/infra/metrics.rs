@@ -123,6 +123,8 @@ pub struct Metrics {
     pub deliveries: Family<DeliveryLabels, Counter>,
     pub subscriptions_disabled: Counter,
     pub dead_letters: Family<DeadLetterLabels, Counter>,
+    pub dead_letters_redriven: Family<StageLabels, Counter>,
+    pub dead_letters_deleted: Family<StageLabels, Counter>,
     pub db_connections: Family<PoolLabels, Gauge>,
 }
 
@@ -153,6 +155,8 @@ impl Metrics {
             deliveries: Family::default(),
             subscriptions_disabled: Counter::default(),
             dead_letters: Family::default(),
+            dead_letters_redriven: Family::default(),
+            dead_letters_deleted: Family::default(),
             db_connections: Family::default(),
         };
         metrics.register();
@@ -223,6 +227,16 @@ impl Metrics {
             self.subscriptions_disabled.clone(),
         );
         r.register("dead_letters", "Messages dead-lettered, by stage and reason", self.dead_letters.clone());
+        r.register(
+            "dead_letters_redriven",
+            "Dead letters put back by an operator, by the stage that refused them",
+            self.dead_letters_redriven.clone(),
+        );
+        r.register(
+            "dead_letters_deleted",
+            "Dead letters deleted or purged by an operator, by the stage that refused them",
+            self.dead_letters_deleted.clone(),
+        );
         r.register(
             "db_pool_connections",
             "PostgreSQL pool connections, by state (idle, in_use)",
@@ -340,6 +354,8 @@ mod tests {
         metrics.processor_runs.get_or_create(&RunLabels { processor: "p".into(), outcome: "success" }).inc();
         metrics.deliveries.get_or_create(&DeliveryLabels { outcome: "delivered" }).inc();
         metrics.dead_letters.get_or_create(&DeadLetterLabels { stage: "persister", reason: "invalid_json" }).inc();
+        metrics.dead_letters_redriven.get_or_create(&stage).inc();
+        metrics.dead_letters_deleted.get_or_create(&stage).inc();
         metrics.db_connections.get_or_create(&PoolLabels { state: "idle" }).set(1);
         metrics.scrape().await
     }

@@ -90,6 +90,19 @@ pub async fn prior_results(pool: &PgPool, event_ids: &[Uuid]) -> Result<HashMap<
         .collect())
 }
 
+/// The processors whose latest result for this event, in any run, is a failure: what a
+/// redrive of its dead letter runs again.
+pub async fn still_failed(pool: &PgPool, event_id: Uuid) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT processor_name FROM (SELECT DISTINCT ON (processor_name) processor_name, status \
+             FROM event.processing_results WHERE event_id = $1 ORDER BY processor_name, result_id DESC) latest \
+         WHERE status = 'failed' ORDER BY processor_name",
+    )
+    .bind(event_id)
+    .fetch_all(pool)
+    .await
+}
+
 /// Writes results, status changes and processor counters in one transaction. Returns the
 /// events whose status was written; the others are not in PostgreSQL yet.
 pub async fn record(

@@ -60,6 +60,9 @@ pub struct Job {
     #[serde(skip)]
     pub last_seq: i64,
     pub error_message: Option<String>,
+    /// Set when the job redrives a processor's dead letter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter_seq: Option<i64>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
@@ -123,12 +126,15 @@ pub struct NewJob<'a> {
     pub processors: Option<&'a [String]>,
     pub events_count: i64,
     pub until_seq: i64,
+    /// The processor dead letter this job redrives (deleted when the job succeeds).
+    pub dead_letter_seq: Option<i64>,
 }
 
 pub async fn insert(pool: &PgPool, job: &NewJob<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO event.replay_jobs (replay_id, status, selector, target_service, processors, events_count, until_seq) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO event.replay_jobs (replay_id, status, selector, target_service, processors, events_count, until_seq, \
+                                       dead_letter_seq) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(job.replay_id)
     .bind(JobStatus::Queued)
@@ -137,6 +143,7 @@ pub async fn insert(pool: &PgPool, job: &NewJob<'_>) -> Result<(), sqlx::Error> 
     .bind(job.processors)
     .bind(job.events_count)
     .bind(job.until_seq)
+    .bind(job.dead_letter_seq)
     .execute(pool)
     .await?;
     Ok(())
@@ -145,7 +152,7 @@ pub async fn insert(pool: &PgPool, job: &NewJob<'_>) -> Result<(), sqlx::Error> 
 pub async fn get(pool: &PgPool, replay_id: Uuid) -> Result<Option<Job>, sqlx::Error> {
     sqlx::query_as(
         "SELECT replay_id, status, selector, target_service, processors, events_count, replayed, failed, until_seq, \
-                last_seq, error_message, created_at, started_at, completed_at \
+                last_seq, error_message, dead_letter_seq, created_at, started_at, completed_at \
          FROM event.replay_jobs WHERE replay_id = $1",
     )
     .bind(replay_id)

@@ -41,11 +41,19 @@ pub struct Incoming {
 pub struct Rejection {
     pub code: &'static str,
     pub detail: String,
+    /// The stored event the refused message is about, when the stage knows it (a redrive
+    /// needs it; see [`crate::infra::deadletter`]).
+    pub event_id: Option<Uuid>,
 }
 
 impl Rejection {
     pub fn new(code: &'static str, detail: impl Into<String>) -> Self {
-        Self { code, detail: detail.into() }
+        Self { code, detail: detail.into(), event_id: None }
+    }
+
+    /// The same refusal, about this event.
+    pub fn about(self, event_id: Uuid) -> Self {
+        Self { event_id: Some(event_id), ..self }
     }
 }
 
@@ -99,7 +107,10 @@ pub fn decode_parts(
             (EventSource::parse(source), EventCategory::parse(category), Some(event_type))
         })
         .unwrap_or((None, None, None));
-    let msg_id = headers.and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID));
+    // A redriven message keeps its producer's id beside the redrive's own dedupe id.
+    let msg_id = headers.and_then(|headers| {
+        headers.get(super::headers::ORIGINAL_MSG_ID).or_else(|| headers.get(async_nats::header::NATS_MESSAGE_ID))
+    });
     let event_id = match msg_id.map(|id| id.as_str()) {
         Some(id) => Uuid::parse_str(id).unwrap_or_else(|_| event_id_from_key("nats-msg-id", id)),
         None => positional_event_id(published, seq),
@@ -276,6 +287,11 @@ mod tests {
         headers.insert(async_nats::header::NATS_MESSAGE_ID, "order-17");
         let keyed = decode_parts("events.backend.order.placed", Some(&headers), body, 10, now).unwrap();
         assert_eq!(keyed.event.event_id, event_id_from_key("nats-msg-id", "order-17"));
+        // Redriven: the redrive's own dedupe id, the producer's beside it.
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, "redrive.4");
+        headers.insert(super::headers::ORIGINAL_MSG_ID, "order-17");
+        let redriven = decode_parts("events.backend.order.placed", Some(&headers), body, 30, now).unwrap();
+        assert_eq!(redriven.event.event_id, keyed.event.event_id, "the id it would have had");
         let bad = decode_parts("events.backend.order.placed", None, b"{nope", 11, now).unwrap_err();
         assert_eq!(bad.code, "invalid_json");
         let invalid = decode_parts("other.subject", None, br#"{"data": 1}"#, 12, now).unwrap_err();

@@ -16,6 +16,12 @@ pub const REASON: &str = "Event-Service-Reason";
 pub const STAGE: &str = "Event-Service-Stage";
 pub const ORIGINAL_SUBJECT: &str = "Event-Service-Original-Subject";
 pub const ORIGINAL_SEQUENCE: &str = "Event-Service-Original-Sequence";
+/// On a dead letter and on a redriven message: the original's `Nats-Msg-Id` (the dead letter's
+/// own is derived from where the original was, a redrive's from the dead letter). An EVENTS
+/// message's event id is derived from it when its payload has none.
+pub const ORIGINAL_MSG_ID: &str = "Event-Service-Original-Msg-Id";
+/// On a redriven message: the DEADLETTER sequence it was redriven from.
+pub const REDRIVEN_FROM: &str = "Event-Service-Redriven-From";
 
 /// On a delivery (DELIVERIES) and on a processor's NATS request: which event.
 pub const EVENT_ID: &str = "Event-Service-Event-Id";

@@ -18,6 +18,8 @@ pub mod streams {
     pub const DELIVERIES: &str = "DELIVERIES";
 }
 
+/// Subjects of the DEADLETTER stream.
+pub const DEADLETTER_WILDCARD: &str = "deadletter.>";
 /// Subjects of the EVENTS stream.
 pub const EVENTS_WILDCARD: &str = "events.>";
 /// The domain event announcing a stored event.

@@ -10,6 +10,7 @@ mod api;
 mod binaries;
 mod bodies;
 mod clients;
+mod deadletters;
 mod fuzz;
 mod ingest;
 mod observability;

@@ -15,6 +15,7 @@ use crate::infra::consume::Outcome;
 use crate::registry::processors::Runnable;
 use crate::store::processing::RunResult;
 use crate::store::processing::{Prior, StatusChange};
+use crate::wire::Rejection;
 
 /// One processor's run on one event, as recorded, with what the caller acts on besides.
 #[derive(Debug, Clone)]
@@ -177,7 +178,10 @@ pub fn verdict(
             failed.join(", "),
             last_error.as_deref().unwrap_or("unknown")
         );
-        return (change(EventStatus::Failed, None), Outcome::reject("processor_failed", detail));
+        return (
+            change(EventStatus::Failed, None),
+            Outcome::Reject(Rejection::new("processor_failed", detail).about(event_id)),
+        );
     }
     (change(EventStatus::Processed, None), Outcome::Ack)
 }

@@ -15,6 +15,7 @@ use super::STAGE;
 use crate::domain::{EventStatus, JobStatus, ResultStatus};
 use crate::infra::bus::Bus;
 use crate::infra::consume::{Batch, BatchHandler, Handled, Outcome, Transient};
+use crate::infra::deadletter::letters::DeadLetters;
 use crate::stages::processor::{self, Engine};
 use crate::store::events::StoredEvent;
 use crate::store::processing::{self, StatusChange};
@@ -81,6 +82,9 @@ impl JobHandler {
             job.last_seq = last_seq;
         }
         replay_jobs::set_status(&self.pool, replay_id, JobStatus::Completed).await.map_err(database)?;
+        if let Some(seq) = job.dead_letter_seq {
+            self.settle_dead_letter(seq as u64, &job).await;
+        }
         let completed = ReplayCompleted {
             replay_id,
             events_count: job.events_count,
@@ -94,6 +98,24 @@ impl JobHandler {
         self.bus.announce(completed.to_message().into_iter().collect()).await;
         tracing::info!(stage = STAGE, %replay_id, replayed = job.replayed, failed = job.failed, "replay completed");
         Ok(Outcome::Ack)
+    }
+
+    /// A redrive's job ended: its dead letter goes once every event of the job succeeded; after
+    /// a failure it stays listed (the processors failed again).
+    async fn settle_dead_letter(&self, seq: u64, job: &Job) {
+        if job.failed > 0 {
+            tracing::warn!(stage = STAGE, replay_id = %job.replay_id, dead_letter = seq,
+                "the redriven processors failed again; the dead letter stays");
+            return;
+        }
+        let deleted = match DeadLetters::open(&self.bus).await {
+            Ok(letters) => letters.delete(seq).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = deleted {
+            tracing::warn!(stage = STAGE, replay_id = %job.replay_id, dead_letter = seq, %error,
+                "cannot delete the redriven dead letter; delete it by hand");
+        }
     }
 
     /// Replays one page in stream order and records it with the job's progress, in one
@@ -130,7 +152,7 @@ impl JobHandler {
                 }
             }
             if ok && !ran.is_empty() {
-                changes.push(lifted(&event.event_id, &ran));
+                changes.push(lifted(stored, &ran));
             }
             announcements.extend(ran.iter().filter_map(|ran| processor::processed_message(&ran.result, &event, 0)));
             if ok {
@@ -151,12 +173,19 @@ impl JobHandler {
     }
 }
 
-/// A `failed` event whose processors all succeeded in the replay becomes `processed`.
-fn lifted(event_id: &Uuid, ran: &[crate::stages::processor::verdict::Ran]) -> StatusChange {
+/// A `failed` event whose processors all succeeded in the replay becomes `processed`; its
+/// processors are the ones that had succeeded before and the ones that did now.
+fn lifted(stored: &StoredEvent, ran: &[crate::stages::processor::verdict::Ran]) -> StatusChange {
+    let mut processors = stored.processors.clone();
+    for ran in ran {
+        if !processors.contains(&ran.result.processor_name) {
+            processors.push(ran.result.processor_name.clone());
+        }
+    }
     StatusChange {
-        event_id: *event_id,
+        event_id: stored.event_id,
         status: EventStatus::Processed,
-        processors: Some(ran.iter().map(|ran| ran.result.processor_name.clone()).collect()),
+        processors: Some(processors),
         error_message: None,
         retry_count: None,
         only_from: Some(vec![EventStatus::Failed]),

@@ -84,6 +84,7 @@ pub async fn submit(
         processors: request.processors.as_deref(),
         events_count,
         until_seq,
+        dead_letter_seq: request.dead_letter_seq.and_then(|seq| i64::try_from(seq).ok()),
     };
     replay_jobs::insert(pool, &job).await?;
     let message = json!({"replay_id": replay_id}).to_string();

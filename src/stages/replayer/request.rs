@@ -23,6 +23,8 @@ pub struct ReplayRequest {
     /// The page of event ids a dry run shows.
     pub limit: i64,
     pub offset: i64,
+    /// Set by a redrive of a processor's dead letter (never by the HTTP request).
+    pub dead_letter_seq: Option<u64>,
 }
 
 pub fn parse_request(body: &Value) -> Result<ReplayRequest, Vec<FieldError>> {
@@ -62,7 +64,7 @@ pub fn parse_request(body: &Value) -> Result<ReplayRequest, Vec<FieldError>> {
         errors.push(FieldError::new("body", "needs a selector: event_ids, stream_id, or start_time and end_time"));
     }
     if errors.is_empty() {
-        Ok(ReplayRequest { selector, target_service, dry_run, processors, limit, offset })
+        Ok(ReplayRequest { selector, target_service, dry_run, processors, limit, offset, dead_letter_seq: None })
     } else {
         Err(errors)
     }

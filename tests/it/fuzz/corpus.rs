@@ -312,6 +312,20 @@ pub(super) fn corpus(seeds: &Seeds) -> Vec<Probe> {
     }
     probes.extend(path_probes(get.clone(), "/api/v1/events/replay/{replay_id}", &[("replay_id", &seeds.replay_id)]));
 
+    // Dead letters. A purge probe always names a reason no stage gives, so no probe can delete
+    // the dead letters this run checks for at its end.
+    let letters = "/api/v1/events/deadletters";
+    let filters = ["stage", "reason", "event_type", "since", "until", "after", "limit"];
+    probes.extend(query_probes(get.clone(), letters, &filters));
+    let never = format!("{letters}?reason=fuzz_never");
+    probes.extend(query_probes(delete.clone(), &never, &["stage", "event_type", "since", "until", "all"]));
+    let redrive = [("seqs", "[999999]")];
+    let redrive_fields = ["seqs", "filter", "filter.stage", "filter.reason", "filter.since", "payload"];
+    probes.extend(body_endpoint(post.clone(), &format!("{letters}/redrive"), &redrive, &redrive_fields));
+    for method in [get.clone(), delete.clone()] {
+        probes.extend(path_probes(method, "/api/v1/events/deadletters/{seq}", &[("seq", "999999")]));
+    }
+
     // Subscriptions.
     let subscription = [("event_types", r#"["fuzz.none"]"#), ("enabled", "false")];
     let subscription_fields = [

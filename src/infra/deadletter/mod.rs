@@ -1,9 +1,15 @@
-//! Dead-lettering: a copy of a message a stage cannot handle goes to `deadletter.{stage}`
-//! (stream DEADLETTER) with the reason in headers, so nothing is silently dropped.
+//! Dead letters: a copy of a message a stage cannot handle goes to `deadletter.{stage}`
+//! (stream DEADLETTER) with the reason in headers, so nothing is silently dropped; operators
+//! read, delete and redrive them ([`letters`], [`redrive`]).
 //!
 //! Writes DEADLETTER. Guarantees: returns `Ok` only once JetStream acknowledged the copy; the
 //! copy's `Nats-Msg-Id` is derived from the original's stream and position, so dead-lettering
-//! the same message twice stores it once.
+//! the same message twice stores it once. The original's own `Nats-Msg-Id` and, when the
+//! stage knows it, the event id travel in headers, so a redrive lands as the original would
+//! have.
+
+pub mod letters;
+pub mod redrive;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::Message;
@@ -51,6 +57,16 @@ pub async fn publish(bus: &Bus, stage: &str, original: Original<'_>, rejection: 
         }
     }
     let sequence = original.sequence;
+    if copied.get(headers::ORIGINAL_MSG_ID).is_none()
+        && let Some(id) = copied.get(async_nats::header::NATS_MESSAGE_ID).cloned()
+    {
+        copied.insert(headers::ORIGINAL_MSG_ID, id);
+    }
+    if copied.get(headers::EVENT_ID).is_none()
+        && let Some(event_id) = rejection.event_id
+    {
+        copied.insert(headers::EVENT_ID, event_id.to_string().as_str());
+    }
     copied.insert(async_nats::header::NATS_MESSAGE_ID, format!("{stage}.{}.{sequence}", original.stream).as_str());
     copied.insert(headers::STAGE, stage);
     copied.insert(headers::REASON_CODE, rejection.code);
@@ -68,10 +84,10 @@ pub async fn publish(bus: &Bus, stage: &str, original: Original<'_>, rejection: 
     Ok(())
 }
 
+/// The stages that dead-letter, by name.
+pub const STAGES: [&str; 6] = ["persister", "processor", "replayer", "dispatcher", "sender", "projector"];
+
 /// The stage as a metric label: one of the known stages (anything else is `other`).
-fn stage_name(stage: &str) -> &'static str {
-    ["persister", "processor", "replayer", "dispatcher", "sender", "projector"]
-        .into_iter()
-        .find(|known| *known == stage)
-        .unwrap_or("other")
+pub fn stage_name(stage: &str) -> &'static str {
+    STAGES.into_iter().find(|known| *known == stage).unwrap_or("other")
 }
