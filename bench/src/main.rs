@@ -16,6 +16,7 @@
 mod baseline;
 mod cpu;
 mod ingest;
+mod live;
 mod overload;
 mod pipeline;
 mod query;
@@ -69,7 +70,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "baseline,batch,persisted,nats,create,frontend,processing,projection,fanout,fanout-stalled,overload,query"
+        default_value = "baseline,batch,persisted,nats,create,frontend,processing,projection,fanout,fanout-stalled,live,overload,query"
     )]
     scenarios: Vec<Scenario>,
     /// Concurrent HTTP clients for the latency scenarios (besides one client alone).
@@ -107,6 +108,8 @@ pub enum Scenario {
     Overload,
     /// The same with one of the 100 endpoints never answering: what the 99 others still get.
     FanoutStalled,
+    /// 100 live tails (SSE) following a steady load: what they receive, how late, what they cost.
+    Live,
     /// Query of 1 000 rows and statistics over a seeded store.
     Query,
 }
@@ -210,6 +213,9 @@ impl Bench {
         }
         if wanted(Scenario::FanoutStalled) {
             self.fanout(true).await?;
+        }
+        if wanted(Scenario::Live) {
+            self.live_tails().await?;
         }
         if wanted(Scenario::Overload) {
             self.overload().await?;

@@ -59,6 +59,9 @@ pub enum ApiError {
     /// knows. The client retries with these ids, which is idempotent.
     #[error("outcome unknown")]
     OutcomeUnknown { event_ids: Vec<uuid::Uuid> },
+    /// The gateway serves as many live tails as it may.
+    #[error("too many live tails")]
+    TooManyTails(usize),
     #[error("database error")]
     Database(#[from] sqlx::Error),
     #[error("internal error")]
@@ -179,6 +182,12 @@ impl IntoResponse for ApiError {
                     None,
                 )
             }
+            ApiError::TooManyTails(limit) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_tails",
+                format!("This gateway already serves {limit} live tails (EVENT_LIVE_MAX_TAILS). Retry later."),
+                None,
+            ),
             ApiError::OutcomeUnknown { event_ids } => {
                 tracing::warn!(events = event_ids.len(), "no acknowledgement from the event bus; outcome unknown");
                 (

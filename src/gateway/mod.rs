@@ -16,6 +16,7 @@ mod events;
 mod extract;
 mod frontend;
 mod health;
+mod live;
 mod observe;
 mod processors;
 mod projections;
@@ -75,6 +76,10 @@ pub struct AppState {
     /// Snapshot spacing used when a rebuild folds a stream.
     snapshot_every: i64,
     started: Instant,
+    live: Arc<live::feed::LiveFeed>,
+    max_live_tails: usize,
+    /// Cancelled at shutdown: ends what would keep a response open (live tails).
+    token: CancellationToken,
 }
 
 /// Why the gateway could not be built.
@@ -132,6 +137,7 @@ impl Gateway {
         let max_payload = bus.client().server_info().max_payload;
         let max_event_bytes = max_payload.saturating_sub(4096).min(settings.max_body_bytes).max(1024);
         let admission = admission::Admission::new(settings.max_inflight_events, bus.metrics().inflight_events.clone());
+        let live = live::feed::LiveFeed::new(bus.clone(), token.clone());
         let state = AppState {
             bus,
             pool,
@@ -146,6 +152,9 @@ impl Gateway {
             admission,
             snapshot_every: settings.snapshot_every as i64,
             started: Instant::now(),
+            live,
+            max_live_tails: settings.live_max_tails as usize,
+            token: token.clone(),
         };
         let limit = ClientLimit::new(settings.public.rate_limit, token);
         Ok(Self { app: router(state, settings, limit)? })
@@ -205,6 +214,7 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
             post(subscriptions::resend),
         )
         .route("/api/v1/events/subscriptions/{subscription_id}/recover", limited(post(subscriptions::recover), single))
+        .route("/api/v1/events/live", get(live::live))
         .route("/api/v1/events/deadletters", get(deadletters::list).delete(deadletters::purge))
         .route("/api/v1/events/deadletters/redrive", limited(post(deadletters::redrive), single))
         .route("/api/v1/events/deadletters/{seq}", get(deadletters::show).delete(deadletters::delete))

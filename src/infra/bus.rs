@@ -156,6 +156,11 @@ impl Bus {
         Ok(Self { client, jetstream, metrics: Arc::new(Metrics::new()) })
     }
 
+    /// The metrics, for a task that outlives this handle.
+    pub fn shared_metrics(&self) -> Shared {
+        self.metrics.clone()
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

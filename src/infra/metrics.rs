@@ -125,6 +125,9 @@ pub struct Metrics {
     pub dead_letters: Family<DeadLetterLabels, Counter>,
     pub dead_letters_redriven: Family<StageLabels, Counter>,
     pub dead_letters_deleted: Family<StageLabels, Counter>,
+    pub live_tails: Gauge,
+    pub live_events_sent: Counter,
+    pub live_tails_lagged: Counter,
     pub db_connections: Family<PoolLabels, Gauge>,
 }
 
@@ -157,6 +160,9 @@ impl Metrics {
             dead_letters: Family::default(),
             dead_letters_redriven: Family::default(),
             dead_letters_deleted: Family::default(),
+            live_tails: Gauge::default(),
+            live_events_sent: Counter::default(),
+            live_tails_lagged: Counter::default(),
             db_connections: Family::default(),
         };
         metrics.register();
@@ -236,6 +242,13 @@ impl Metrics {
             "dead_letters_deleted",
             "Dead letters deleted or purged by an operator, by the stage that refused them",
             self.dead_letters_deleted.clone(),
+        );
+        r.register("live_tails", "Live tails (GET /api/v1/events/live) open now", self.live_tails.clone());
+        r.register("live_events_sent", "Events sent to live tails", self.live_events_sent.clone());
+        r.register(
+            "live_tails_lagged",
+            "Live tails ended because they fell too far behind",
+            self.live_tails_lagged.clone(),
         );
         r.register(
             "db_pool_connections",
@@ -356,6 +369,9 @@ mod tests {
         metrics.dead_letters.get_or_create(&DeadLetterLabels { stage: "persister", reason: "invalid_json" }).inc();
         metrics.dead_letters_redriven.get_or_create(&stage).inc();
         metrics.dead_letters_deleted.get_or_create(&stage).inc();
+        metrics.live_tails.set(0);
+        metrics.live_events_sent.inc();
+        metrics.live_tails_lagged.inc();
         metrics.db_connections.get_or_create(&PoolLabels { state: "idle" }).set(1);
         metrics.scrape().await
     }

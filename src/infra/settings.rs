@@ -91,6 +91,11 @@ pub struct GatewayArgs {
     #[arg(long = "max-inflight-events", env = "EVENT_MAX_INFLIGHT_EVENTS", default_value_t = 20_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_inflight_events: u32,
+    /// Most live tails (`GET /api/v1/events/live`) one gateway serves at once; past it, 503
+    /// `too_many_tails`.
+    #[arg(long = "live-max-tails", env = "EVENT_LIVE_MAX_TAILS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub live_max_tails: u32,
     /// How long create and batch wait for PostgreSQL before answering 202, in milliseconds.
     #[arg(long = "store-timeout-ms", env = "EVENT_STORE_TIMEOUT_MS", default_value_t = 5000)]
     pub store_timeout_ms: u64,

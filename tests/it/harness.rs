@@ -99,6 +99,7 @@ pub struct Options {
     pub cors_origins: Vec<String>,
     pub public_rate_limit: u32,
     pub max_inflight_events: u32,
+    pub live_max_tails: u32,
 }
 
 impl Default for Options {
@@ -116,6 +117,7 @@ impl Default for Options {
             cors_origins: vec!["*".to_owned()],
             public_rate_limit: 0,
             max_inflight_events: 20_000,
+            live_max_tails: 1000,
         }
     }
 }
@@ -176,6 +178,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         max_batch_body_bytes: 16 * 1024 * 1024,
         store_timeout_ms: options.store_timeout_ms,
         max_inflight_events: options.max_inflight_events,
+        live_max_tails: options.live_max_tails,
         snapshot_every: 10,
         public: PublicArgs {
             write_keys: options.write_keys.iter().map(|key| Secret::new(key.as_str())).collect(),

@@ -13,6 +13,7 @@ mod clients;
 mod deadletters;
 mod fuzz;
 mod ingest;
+mod live;
 mod observability;
 mod processing;
 mod projections;

@@ -312,6 +312,13 @@ pub(super) fn corpus(seeds: &Seeds) -> Vec<Probe> {
     }
     probes.extend(path_probes(get.clone(), "/api/v1/events/replay/{replay_id}", &[("replay_id", &seeds.replay_id)]));
 
+    // The live tail.
+    let live = "/api/v1/events/live";
+    probes.extend(query_probes(get.clone(), live, &["event_type", "user_id", "source", "category", "heartbeat"]));
+    for (name, value) in hostile_query_values() {
+        probes.push(Probe::new(get.clone(), live, format!("Last-Event-ID: {name}")).header("last-event-id", value));
+    }
+
     // Dead letters. A purge probe always names a reason no stage gives, so no probe can delete
     // the dead letters this run checks for at its end.
     let letters = "/api/v1/events/deadletters";

@@ -45,11 +45,20 @@ async fn send(app: &TestApp, probe: Probe) -> Outcome {
         let cut = if probe.path.chars().count() > 100 { "…" } else { "" };
         format!("{} {path}{cut} [{}]", probe.method, probe.input)
     };
-    let response = match request.send().await {
+    let mut response = match request.send().await {
         Ok(response) => response,
         Err(error) => return Outcome::Failed(format!("{}: no answer ({error:?})", label())),
     };
     let status = response.status();
+    let streams =
+        response.headers().get("content-type").is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"));
+    if status.is_success() && streams {
+        // A live tail never ends: its opening is the answer.
+        return match response.chunk().await {
+            Ok(Some(_)) => Outcome::Fine { accepted: Vec::new() },
+            other => Outcome::Failed(format!("{}: a live tail that did not open ({other:?})", label())),
+        };
+    }
     let text = match response.bytes().await {
         Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
         Err(error) => return Outcome::Failed(format!("{}: {status}, body unreadable ({error})", label())),

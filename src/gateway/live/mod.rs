@@ -1,0 +1,273 @@
+//! `GET /api/v1/events/live`: the events arriving in EVENTS as Server-Sent Events, filtered by
+//! event-type patterns, user, source and category.
+//!
+//! Reads the gateway's shared live feed ([`feed`]) and, for a tail resuming with
+//! `Last-Event-ID`, EVENTS from that sequence on; writes nothing. Guarantees: each SSE event
+//! carries its EVENTS sequence as `id`, so a client that reconnects with `Last-Event-ID` (as
+//! `EventSource` does) gets every later matching event once, in order, within the stream's
+//! retention; a tail too slow for the feed is ended with a `lagged` event rather than buffered
+//! without bound; heartbeats (SSE comments) keep proxies from closing an idle tail; shutdown
+//! ends every tail.
+
+pub mod feed;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures::Stream;
+use serde::Deserialize;
+use tokio::sync::{broadcast, mpsc};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::domain::{Event, EventCategory, EventSource, EventTypePattern, FieldError};
+use crate::infra::metrics::Metrics;
+use feed::{LiveEvent, LiveFeed};
+
+/// Most event-type patterns one tail may ask for.
+const MAX_PATTERNS: usize = 20;
+
+#[derive(Debug, Deserialize)]
+pub struct LiveParams {
+    /// Comma-separated event-type patterns (`order.*,user.signed_up`).
+    event_type: Option<String>,
+    user_id: Option<String>,
+    source: Option<String>,
+    category: Option<String>,
+    /// Seconds between heartbeats (1 to 300, default 15).
+    heartbeat: Option<u64>,
+}
+
+/// Which events a tail shows. Every field narrows; none shows all.
+#[derive(Debug, Default)]
+pub struct LiveFilter {
+    patterns: Vec<EventTypePattern>,
+    user_id: Option<String>,
+    source: Option<EventSource>,
+    category: Option<EventCategory>,
+}
+
+impl LiveFilter {
+    pub fn matches(&self, event: &Event) -> bool {
+        (self.patterns.is_empty() || self.patterns.iter().any(|pattern| pattern.matches(&event.event_type)))
+            && self.user_id.as_ref().is_none_or(|user| event.user_id.as_ref() == Some(user))
+            && self.source.is_none_or(|source| event.event_source == source)
+            && self.category.is_none_or(|category| event.event_category == category)
+    }
+}
+
+/// Checks a tail's parameters and `Last-Event-ID`, every error at once.
+pub fn parse(
+    params: &LiveParams,
+    last_event_id: Option<&str>,
+) -> Result<(LiveFilter, Duration, Option<u64>), Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let mut patterns = Vec::new();
+    for text in params.event_type.iter().flat_map(|list| list.split(',')).map(str::trim) {
+        match EventTypePattern::parse(text) {
+            Ok(pattern) => patterns.push(pattern),
+            Err(error) => errors.push(FieldError::new("event_type", format!("{text:?}: {error}"))),
+        }
+    }
+    if patterns.len() > MAX_PATTERNS {
+        errors.push(FieldError::new("event_type", format!("at most {MAX_PATTERNS} patterns")));
+    }
+    let source = params.source.as_deref().and_then(|text| {
+        let parsed = EventSource::parse(text);
+        if parsed.is_none() {
+            errors.push(FieldError::new("source", format!("must be one of: {}", EventSource::expected())));
+        }
+        parsed
+    });
+    let category = params.category.as_deref().and_then(|text| {
+        let parsed = EventCategory::parse(text);
+        if parsed.is_none() {
+            errors.push(FieldError::new("category", format!("must be one of: {}", EventCategory::expected())));
+        }
+        parsed
+    });
+    let heartbeat = match params.heartbeat {
+        None => 15,
+        Some(seconds @ 1..=300) => seconds,
+        Some(_) => {
+            errors.push(FieldError::new("heartbeat", "must be 1 to 300 seconds"));
+            15
+        }
+    };
+    let resume = last_event_id.map(str::trim).filter(|text| !text.is_empty()).and_then(|text| {
+        let parsed = text.parse::<u64>().ok();
+        if parsed.is_none() {
+            errors.push(FieldError::new("Last-Event-ID", "must be the id of an event this endpoint sent"));
+        }
+        parsed
+    });
+    let filter = LiveFilter { patterns, user_id: params.user_id.clone(), source, category };
+    if errors.is_empty() { Ok((filter, Duration::from_secs(heartbeat), resume)) } else { Err(errors) }
+}
+
+pub async fn live(
+    State(state): State<AppState>,
+    Query(params): Query<LiveParams>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let last_event_id = headers.get("last-event-id").map(|value| value.to_str().unwrap_or("?"));
+    let (filter, heartbeat, resume) = parse(&params, last_event_id).map_err(ApiError::Validation)?;
+    if state.live.listeners() >= state.max_live_tails {
+        return Err(ApiError::TooManyTails(state.max_live_tails));
+    }
+    let receiver = state.live.subscribe();
+    let (sender, events) = mpsc::channel(256);
+    let tail = Tail { feed: state.live.clone(), filter, sender, metrics: state.bus.shared_metrics() };
+    let token = state.token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tail.run(receiver, resume) => {}
+            _ = token.cancelled() => {}
+        }
+    });
+    let opening = SseEvent::default().comment("live").retry(Duration::from_secs(1));
+    let stream = futures::stream::once(async move { Ok(opening) })
+        .chain(futures::stream::unfold(events, |mut events| async move {
+            events.recv().await.map(|event| (Ok(event), events))
+        }));
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat")))
+}
+
+use futures::StreamExt as _;
+
+/// One client's tail: catches up from JetStream when resuming, then follows the feed.
+struct Tail {
+    feed: Arc<LiveFeed>,
+    filter: LiveFilter,
+    sender: mpsc::Sender<SseEvent>,
+    metrics: Arc<Metrics>,
+}
+
+impl Tail {
+    async fn run(self, receiver: broadcast::Receiver<Arc<LiveEvent>>, resume: Option<u64>) {
+        self.metrics.live_tails.inc();
+        let last = match resume {
+            Some(after) => self.catch_up(after).await,
+            None => Ok(0),
+        };
+        match last {
+            Ok(last) => self.follow(receiver, last).await,
+            Err(error) => {
+                tracing::warn!(%error, "a live tail could not catch up");
+                let _ = self.sender.send(notice("unavailable", "cannot read EVENTS now; reconnect")).await;
+            }
+        }
+        self.metrics.live_tails.dec();
+    }
+
+    /// Sends what was missed after `after`; returns the last sequence covered.
+    async fn catch_up(&self, after: u64) -> Result<u64, feed::FeedError> {
+        let mut missed = self.feed.catch_up(after).await?;
+        while let Some(event) = missed.next().await? {
+            if !self.send(&event).await {
+                break;
+            }
+        }
+        Ok(missed.newest)
+    }
+
+    /// Sends the feed's events after `last` until the client goes or falls behind.
+    async fn follow(&self, mut receiver: broadcast::Receiver<Arc<LiveEvent>>, mut last: u64) {
+        loop {
+            let received = tokio::select! {
+                received = receiver.recv() => received,
+                // The client went away while nothing arrived.
+                _ = self.sender.closed() => break,
+            };
+            match received {
+                // The feed repeats what the catch-up read: skip it.
+                Ok(event) if event.seq <= last => {}
+                Ok(event) => {
+                    last = event.seq;
+                    if !self.send(&event).await {
+                        break;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    self.metrics.live_tails_lagged.inc();
+                    let detail = format!("this tail fell {missed} events behind; reconnect with Last-Event-ID");
+                    let _ = self.sender.send(notice("lagged", &detail)).await;
+                    break;
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    }
+
+    /// Sends a matching event; false once the client is gone.
+    async fn send(&self, event: &LiveEvent) -> bool {
+        if !self.filter.matches(&event.event) {
+            return !self.sender.is_closed();
+        }
+        let sse = SseEvent::default().id(event.seq.to_string()).event("event").data(&event.json);
+        let sent = self.sender.send(sse).await.is_ok();
+        if sent {
+            self.metrics.live_events_sent.inc();
+        }
+        sent
+    }
+}
+
+/// A control event: `{"code", "detail"}` under the SSE event name `code`.
+fn notice(code: &str, detail: &str) -> SseEvent {
+    SseEvent::default().event(code).data(serde_json::json!({"code": code, "detail": detail}).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::parse::{Defaults, parse_event};
+
+    fn params(query: &str) -> LiveParams {
+        let mut params = LiveParams { event_type: None, user_id: None, source: None, category: None, heartbeat: None };
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap();
+            let value = Some(value.to_owned());
+            match name {
+                "event_type" => params.event_type = value,
+                "user_id" => params.user_id = value,
+                "source" => params.source = value,
+                "category" => params.category = value,
+                "heartbeat" => params.heartbeat = value.and_then(|v| v.parse().ok()),
+                _ => panic!("{name}"),
+            }
+        }
+        params
+    }
+
+    fn event(body: serde_json::Value) -> Event {
+        parse_event(body, &Defaults::http(chrono::Utc::now())).unwrap()
+    }
+
+    #[test]
+    fn filters_narrow_by_type_user_source_and_category() {
+        let order = event(serde_json::json!({"event_type": "order.placed", "user_id": "u1", "event_source": "backend",
+                                              "event_category": "order"}));
+        let matches = |query: &str| parse(&params(query), None).unwrap().0.matches(&order);
+        assert!(matches(""));
+        assert!(matches("event_type=user.*,order.*") && !matches("event_type=user.*"));
+        assert!(matches("user_id=u1") && !matches("user_id=u2"));
+        assert!(matches("source=backend") && !matches("source=frontend"));
+        assert!(matches("category=order") && !matches("category=system"));
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        let fields = |query: &str, last: Option<&str>| -> Vec<String> {
+            parse(&params(query), last).unwrap_err().into_iter().map(|error| error.field).collect()
+        };
+        assert_eq!(fields("source=moon&category=x&heartbeat=0", None), ["source", "category", "heartbeat"]);
+        assert_eq!(fields("event_type=a..b", Some("x")), ["event_type", "Last-Event-ID"]);
+        let (_, heartbeat, resume) = parse(&params("heartbeat=2"), Some("41")).unwrap();
+        assert_eq!((heartbeat, resume), (Duration::from_secs(2), Some(41)));
+    }
+}
