@@ -74,6 +74,7 @@ pub async fn ingest(
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
+    state.conform_all(&mut events)?;
     let mut messages = Vec::with_capacity(events.len());
     for event in &events {
         messages.push((event.event_id, state.event_message(event)?));

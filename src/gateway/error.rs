@@ -18,6 +18,12 @@ use crate::infra::db::{self, ErrorKind};
 pub enum ApiError {
     #[error("validation failed")]
     Validation(Vec<FieldError>),
+    /// A new schema version would refuse events the one before accepted.
+    #[error("incompatible schema")]
+    IncompatibleSchema(Vec<String>),
+    /// The event's `data` does not match its type's schema (mode `reject`).
+    #[error("schema violation")]
+    SchemaViolation(Vec<FieldError>),
     /// A tracking API message that cannot be taken: 400, as the SDKs' own endpoints answer.
     #[error("invalid message")]
     InvalidMessage(Vec<FieldError>),
@@ -102,6 +108,22 @@ impl IntoResponse for ApiError {
             ApiError::Validation(errors) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "validation_error", summarize(errors), Some(errors.as_slice()))
             }
+            ApiError::IncompatibleSchema(reasons) => (
+                StatusCode::CONFLICT,
+                "incompatible_schema",
+                format!(
+                    "This version could refuse events the one before accepted ({}); register it with \
+                     ?compatibility=none to accept that",
+                    reasons.join("; ")
+                ),
+                None,
+            ),
+            ApiError::SchemaViolation(errors) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "schema_violation",
+                format!("The event's data does not match its type's schema: {}", summarize(errors)),
+                Some(errors.as_slice()),
+            ),
             ApiError::InvalidMessage(errors) => {
                 (StatusCode::BAD_REQUEST, "invalid_message", summarize(errors), Some(errors.as_slice()))
             }

@@ -52,7 +52,8 @@ pub async fn create(
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let event = parse::parse_event(body, &Defaults::http(Utc::now())).map_err(ApiError::Validation)?;
+    let mut event = parse::parse_event(body, &Defaults::http(Utc::now())).map_err(ApiError::Validation)?;
+    state.conform(&mut event).map_err(ApiError::SchemaViolation)?;
     let view = EventView { event: &event, status: EventStatus::Pending };
     if prefers_async(&headers) {
         state.publish_one(CREATE, &trace, state.event_message(&event)?).await?;
@@ -104,6 +105,7 @@ pub async fn batch(
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
+    state.conform_all(&mut events)?;
     let respond_async = prefers_async(&headers);
     let mut messages = Vec::with_capacity(events.len());
     for (index, event) in events.iter().enumerate() {

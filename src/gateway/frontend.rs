@@ -124,7 +124,7 @@ fn frontend_message(
 ) -> Result<(Outgoing, Uuid), Vec<FieldError>> {
     let (request, category, mut errors) = frontend_request(body, client, client_info)?;
     let defaults = Defaults { event_source: EventSource::Frontend, ..Defaults::http(now) };
-    let event = match parse::parse_event(request, &defaults) {
+    let mut event = match parse::parse_event(request, &defaults) {
         Ok(event) if errors.is_empty() => event,
         Ok(_) => return Err(errors),
         Err(more) => {
@@ -132,6 +132,7 @@ fn frontend_message(
             return Err(errors);
         }
     };
+    state.conform(&mut event)?;
     // The subject keeps the free-text category; the stored one is a known category.
     let subject = subjects::event_subject("frontend", &category, &event.event_type);
     let message = codec::encode_on(subject, &event).map_err(|error| vec![FieldError::new("", error.to_string())])?;

@@ -24,6 +24,7 @@ mod public;
 mod redrive;
 mod replay;
 mod rudderstack;
+mod schemas;
 mod sorted;
 mod subscriptions;
 mod tracking;
@@ -55,6 +56,8 @@ use crate::domain::Secret;
 use crate::infra::bus::{Bus, BusError};
 use crate::infra::settings::GatewayArgs;
 use crate::infra::telemetry;
+use crate::registry::Registry;
+use crate::registry::schemas::Schemas;
 use extract::BodyLimit;
 use public::ClientLimit;
 use waiters::StoredWaiters;
@@ -77,6 +80,8 @@ pub struct AppState {
     snapshot_every: i64,
     started: Instant,
     live: Arc<live::feed::LiveFeed>,
+    /// The schema registry, kept live.
+    schemas: Arc<Registry<Schemas>>,
     max_live_tails: usize,
     /// Cancelled at shutdown: ends what would keep a response open (live tails).
     token: CancellationToken,
@@ -97,6 +102,8 @@ pub enum GatewayError {
     Unauthenticated(SocketAddr),
     #[error("EVENT_INGEST_KEYS needs EVENT_API_KEYS: with ingest keys alone nobody could manage the service")]
     IngestKeysWithoutAdmin,
+    #[error("cannot load the schema registry")]
+    Schemas(#[from] sqlx::Error),
 }
 
 /// Refuses a configuration that would expose every endpoint to anyone: no admin key on a
@@ -138,6 +145,8 @@ impl Gateway {
         let max_event_bytes = max_payload.saturating_sub(4096).min(settings.max_body_bytes).max(1024);
         let admission = admission::Admission::new(settings.max_inflight_events, bus.metrics().inflight_events.clone());
         let live = live::feed::LiveFeed::new(bus.clone(), token.clone());
+        let schemas = Registry::load(pool.clone(), Schemas).await?;
+        tokio::spawn(schemas.clone().watch(bus.clone(), token.clone()));
         let state = AppState {
             bus,
             pool,
@@ -153,6 +162,7 @@ impl Gateway {
             snapshot_every: settings.snapshot_every as i64,
             started: Instant::now(),
             live,
+            schemas,
             max_live_tails: settings.live_max_tails as usize,
             token: token.clone(),
         };
@@ -215,6 +225,8 @@ fn router(state: AppState, settings: &GatewayArgs, limit: ClientLimit) -> Result
         )
         .route("/api/v1/events/subscriptions/{subscription_id}/recover", limited(post(subscriptions::recover), single))
         .route("/api/v1/events/live", get(live::live))
+        .route("/api/v1/events/schemas", get(schemas::list))
+        .route("/api/v1/events/schemas/{event_type}", limited(get(schemas::versions).put(schemas::register), single))
         .route("/api/v1/events/deadletters", get(deadletters::list).delete(deadletters::purge))
         .route("/api/v1/events/deadletters/redrive", limited(post(deadletters::redrive), single))
         .route("/api/v1/events/deadletters/{seq}", get(deadletters::show).delete(deadletters::delete))

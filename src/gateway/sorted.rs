@@ -81,8 +81,10 @@ impl Sorted {
 }
 
 impl AppState {
-    /// An item's message, or its errors when it is too large to be an event.
-    pub(super) fn item_message(&self, event: Event) -> Result<(Outgoing, Uuid), Vec<FieldError>> {
+    /// An item's message, or its errors when it does not match its schema or is too large to
+    /// be an event.
+    pub(super) fn item_message(&self, mut event: Event) -> Result<(Outgoing, Uuid), Vec<FieldError>> {
+        self.conform(&mut event)?;
         match self.event_message(&event) {
             Ok(message) => Ok((message, event.event_id)),
             Err(ApiError::EventTooLarge(detail)) => Err(vec![FieldError::new("", detail)]),

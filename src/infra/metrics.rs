@@ -82,6 +82,12 @@ pub struct DeadLetterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SchemaLabels {
+    /// `valid`, `flagged`, `refused`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     /// `idle` or `in_use`.
     pub state: &'static str,
@@ -126,6 +132,7 @@ pub struct Metrics {
     pub dead_letters_redriven: Family<StageLabels, Counter>,
     pub dead_letters_deleted: Family<StageLabels, Counter>,
     pub live_tails: Gauge,
+    pub schema_checks: Family<SchemaLabels, Counter>,
     pub live_events_sent: Counter,
     pub live_tails_lagged: Counter,
     pub db_connections: Family<PoolLabels, Gauge>,
@@ -161,6 +168,7 @@ impl Metrics {
             dead_letters_redriven: Family::default(),
             dead_letters_deleted: Family::default(),
             live_tails: Gauge::default(),
+            schema_checks: Family::default(),
             live_events_sent: Counter::default(),
             live_tails_lagged: Counter::default(),
             db_connections: Family::default(),
@@ -242,6 +250,11 @@ impl Metrics {
             "dead_letters_deleted",
             "Dead letters deleted or purged by an operator, by the stage that refused them",
             self.dead_letters_deleted.clone(),
+        );
+        r.register(
+            "schema_checks",
+            "Events checked against their type's schema, by outcome (valid, flagged, refused)",
+            self.schema_checks.clone(),
         );
         r.register("live_tails", "Live tails (GET /api/v1/events/live) open now", self.live_tails.clone());
         r.register("live_events_sent", "Events sent to live tails", self.live_events_sent.clone());
@@ -370,6 +383,7 @@ mod tests {
         metrics.dead_letters_redriven.get_or_create(&stage).inc();
         metrics.dead_letters_deleted.get_or_create(&stage).inc();
         metrics.live_tails.set(0);
+        metrics.schema_checks.get_or_create(&SchemaLabels { outcome: "valid" }).inc();
         metrics.live_events_sent.inc();
         metrics.live_tails_lagged.inc();
         metrics.db_connections.get_or_create(&PoolLabels { state: "idle" }).set(1);

@@ -1,5 +1,5 @@
-//! What operators configure and the stages follow: processors, subscriptions and projection
-//! definitions. Each kind owns its table, its request validation and its in-memory set; this
+//! What operators configure and the stages follow: processors, subscriptions, projection
+//! definitions and event schemas. Each kind owns its table, its request validation and its in-memory set; this
 //! module holds the one mechanism that keeps a set live in every process.
 //!
 //! Reads the registry tables; publishes and listens to one core-NATS change subject per kind.
@@ -9,6 +9,7 @@
 
 pub mod definitions;
 pub mod processors;
+pub mod schemas;
 pub mod subscriptions;
 
 use std::future::Future;

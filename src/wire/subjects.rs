@@ -44,6 +44,8 @@ pub const PROCESSORS_CHANGED: &str = "_EVSVC.processors.changed";
 pub const SUBSCRIPTIONS_CHANGED: &str = "_EVSVC.subscriptions.changed";
 /// Core NATS: the projection definitions changed, projectors reload them.
 pub const DEFINITIONS_CHANGED: &str = "_EVSVC.definitions.changed";
+/// Core NATS: the schema registry changed, gateways and persisters reload it.
+pub const SCHEMAS_CHANGED: &str = "_EVSVC.schemas.changed";
 /// Prefix of the core-NATS subjects on which the persister tells a gateway that the events it
 /// waits for are stored (read-your-writes). Deliberately outside every stream.
 const STORED_NOTIFY_PREFIX: &str = "_EVSVC.stored";

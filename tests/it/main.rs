@@ -19,5 +19,6 @@ mod processing;
 mod projections;
 mod replay;
 mod resilience;
+mod schemas;
 mod subscriptions;
 mod tracking;

@@ -16,7 +16,10 @@ use crate::infra::bus::{Bus, BusError};
 use crate::infra::consume::{Batch, BatchHandler, Handled, Outcome, Transient};
 use crate::infra::db;
 use crate::infra::deadletter;
+use crate::infra::metrics::SchemaLabels;
+use crate::registry::Registry;
 use crate::registry::processors::ProcessorRegistry;
+use crate::registry::schemas::{Checked, SchemaSet, Schemas};
 use crate::store::NewEvent;
 use crate::store::position::{self, Advance};
 use crate::store::write::{self, InsertOutcome};
@@ -30,6 +33,7 @@ pub(super) struct Handler {
     /// EVENTS itself, to fill gaps and to catch up when idle.
     pub events: Stream,
     pub processors: std::sync::Arc<ProcessorRegistry>,
+    pub schemas: std::sync::Arc<Registry<Schemas>>,
 }
 
 /// An event stored (now or before) to announce and report.
@@ -103,8 +107,9 @@ impl Handler {
         let Plan { stored, store, later, missing, advance_to } =
             plan::plan(stored_up_to, &seqs, catch_up_to, MAX_GAP_FILL);
         let mut done = Vec::new();
+        let schemas = self.schemas.snapshot();
         for index in stored {
-            answer_for(&envelopes[index], &mut outcomes, &mut done);
+            answer_for(&envelopes[index], self.checked(&envelopes[index], &schemas), &mut outcomes, &mut done);
         }
         for index in later {
             set(&mut outcomes, envelopes[index].position, Outcome::Retry { after: Duration::ZERO });
@@ -173,9 +178,10 @@ impl Handler {
         outcomes: &mut [Outcome],
     ) -> Result<Vec<ToStore<'e, 'a>>, Transient> {
         let processors = self.processors.snapshot();
+        let schemas = self.schemas.snapshot();
         let mut to_store = Vec::with_capacity(ordered.len());
         for envelope in ordered {
-            match envelope.decode() {
+            match self.checked(envelope, &schemas) {
                 Ok(incoming) => {
                     let status = plan::initial_status(processors.takes(&incoming.event));
                     to_store.push((envelope, incoming, status));
@@ -184,6 +190,31 @@ impl Handler {
             }
         }
         Ok(to_store)
+    }
+
+    /// Decodes an envelope; a NATS-native event is also checked against its type's schema
+    /// (refused: `schema_violation`; flagged or redacted: changed before it is stored).
+    fn checked(&self, envelope: &Envelope<'_>, schemas: &SchemaSet) -> Result<Incoming, Rejection> {
+        let mut incoming = envelope.decode()?;
+        if envelope.ingested() {
+            return Ok(incoming);
+        }
+        let Some(active) = schemas.get(&incoming.event.event_type) else { return Ok(incoming) };
+        let checked = active.check(&mut incoming.event);
+        let outcome = match &checked {
+            Checked::Refused(_) => "refused",
+            Checked::Accepted if incoming.event.metadata.contains_key("schema_errors") => "flagged",
+            Checked::Accepted => "valid",
+        };
+        self.bus.metrics().schema_checks.get_or_create(&SchemaLabels { outcome }).inc();
+        match checked {
+            Checked::Accepted => Ok(incoming),
+            Checked::Refused(errors) => {
+                let detail: Vec<String> =
+                    errors.iter().map(|error| format!("{}: {}", error.field, error.message)).collect();
+                Err(Rejection::new("schema_violation", detail.join("; ")).about(incoming.event.event_id))
+            }
+        }
     }
 
     /// Rejects a message of the batch, or dead-letters one read from the stream.
@@ -307,8 +338,13 @@ impl Handler {
 
 /// Answers for an already-stored redelivery: poison is rejected again (its first dead-letter
 /// may have failed), the rest is announced and reported again.
-fn answer_for<'a>(envelope: &Envelope<'a>, outcomes: &mut [Outcome], done: &mut Vec<Done<'a>>) {
-    match envelope.decode() {
+fn answer_for<'a>(
+    envelope: &Envelope<'a>,
+    decoded: Result<Incoming, Rejection>,
+    outcomes: &mut [Outcome],
+    done: &mut Vec<Done<'a>>,
+) {
+    match decoded {
         Ok(incoming) => done.push(Done {
             position: envelope.position,
             incoming,

@@ -1,6 +1,8 @@
 //! The persister stage: stores every event of EVENTS in PostgreSQL, in stream order.
 //!
-//! Reads the durable `persister` consumer of EVENTS, and the processor registry. Writes
+//! Reads the durable `persister` consumer of EVENTS, the processor registry and the schema
+//! registry (NATS-native events are checked against their type's schema here: the gateway
+//! checked the others before publishing). Writes
 //! `event.events`, stream versions, rollups and its stream position (one transaction per
 //! batch), then the position on `_EVSVC.persisted` (core NATS, for
 //! [`crate::stages::watermark`]), then `event.stored` on EVENT_SERVICE, then tells waiting
@@ -39,6 +41,7 @@ use crate::infra::consume::ConsumeLoop;
 use crate::infra::settings::PersisterArgs;
 use crate::registry::Registry;
 use crate::registry::processors::Processors;
+use crate::registry::schemas::Schemas;
 use crate::store::position;
 use crate::wire::subjects::streams;
 use handler::Handler;
@@ -78,16 +81,19 @@ impl Persister {
         }
         // Only which processors take an event matters here, never how they call out.
         let processors = Registry::load(pool.clone(), Processors { guard: Guard::default() }).await?;
+        let schemas = Registry::load(pool.clone(), Schemas).await?;
         bus.metrics().watch_persister(events.clone(), pool.clone());
-        Ok(Self { consume, handler: Handler { pool, bus, events, processors } })
+        Ok(Self { consume, handler: Handler { pool, bus, events, processors, schemas } })
     }
 
     pub async fn run(self, token: CancellationToken) -> Result<(), StageError> {
         tracing::info!(stage = STAGE, "persister running");
         let processors: Arc<_> = self.handler.processors.clone();
         let watch = tokio::spawn(processors.watch(self.handler.bus.clone(), token.clone()));
+        let schemas = tokio::spawn(self.handler.schemas.clone().watch(self.handler.bus.clone(), token.clone()));
         let result = self.consume.run(&self.handler, token).await;
         watch.abort();
+        schemas.abort();
         Ok(result?)
     }
 }

@@ -312,6 +312,19 @@ pub(super) fn corpus(seeds: &Seeds) -> Vec<Probe> {
     }
     probes.extend(path_probes(get.clone(), "/api/v1/events/replay/{replay_id}", &[("replay_id", &seeds.replay_id)]));
 
+    // Schemas, on a type no other probe sends (a hostile schema must not refuse their events).
+    let schema_path = "/api/v1/events/schemas/fuzz.schema.only";
+    let schema = [("schema", r#"{"type": "object"}"#), ("mode", r#""flag""#)];
+    let schema_fields = ["schema", "schema.type", "schema.properties", "mode", "redact"];
+    probes.extend(body_endpoint(put.clone(), schema_path, &schema, &schema_fields));
+    probes.extend(query_probes(put.clone(), &format!("{schema_path}?x=1"), &["compatibility"]));
+    probes.extend(path_probes(
+        get.clone(),
+        "/api/v1/events/schemas/{event_type}",
+        &[("event_type", "fuzz.schema.only")],
+    ));
+    probes.push(Probe::new(get.clone(), "/api/v1/events/schemas", "the list"));
+
     // The live tail.
     let live = "/api/v1/events/live";
     probes.extend(query_probes(get.clone(), live, &["event_type", "user_id", "source", "category", "heartbeat"]));
