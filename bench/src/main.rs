@@ -21,6 +21,7 @@ mod overload;
 mod pipeline;
 mod query;
 mod report;
+mod schema;
 mod service;
 
 use std::path::PathBuf;
@@ -70,7 +71,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "baseline,batch,persisted,nats,create,frontend,processing,projection,fanout,fanout-stalled,live,overload,query"
+        default_value = "baseline,batch,persisted,nats,create,frontend,processing,projection,fanout,fanout-stalled,live,schema,overload,query"
     )]
     scenarios: Vec<Scenario>,
     /// Concurrent HTTP clients for the latency scenarios (besides one client alone).
@@ -110,6 +111,8 @@ pub enum Scenario {
     FanoutStalled,
     /// 100 live tails (SSE) following a steady load: what they receive, how late, what they cost.
     Live,
+    /// Batch ingest of a type with a schema beside one without: what the check costs.
+    Schema,
     /// Query of 1 000 rows and statistics over a seeded store.
     Query,
 }
@@ -217,6 +220,9 @@ impl Bench {
         if wanted(Scenario::Live) {
             self.live_tails().await?;
         }
+        if wanted(Scenario::Schema) {
+            self.schema_cost().await?;
+        }
         if wanted(Scenario::Overload) {
             self.overload().await?;
         }
@@ -242,6 +248,10 @@ impl Bench {
 
     fn get(&self, path: &str) -> reqwest::RequestBuilder {
         self.authorized(self.http.get(format!("{}{path}", self.url)))
+    }
+
+    fn put(&self, path: &str) -> reqwest::RequestBuilder {
+        self.authorized(self.http.put(format!("{}{path}", self.url)))
     }
 
     fn delete(&self, path: &str) -> reqwest::RequestBuilder {
