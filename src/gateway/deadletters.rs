@@ -27,8 +27,8 @@ use crate::infra::metrics::StageLabels;
 /// Dead letters one call lists, purges or redrives at most.
 const MAX_PAGE: usize = 1000;
 
-/// The filter, as query parameters or as the `filter` object of a redrive.
-#[derive(Debug, Default, Deserialize)]
+/// The filter, as the `filter` object of a redrive (and, field by field, as query parameters).
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterParams {
     stage: Option<String>,
@@ -76,13 +76,35 @@ pub fn parse_filter(params: &FilterParams) -> Result<Filter, Vec<FieldError>> {
     if errors.is_empty() { Ok(Filter { stage, reason_code, event_type, since, until }) } else { Err(errors) }
 }
 
+/// The query of a list or a purge. Written out (not flattened) so that an unknown parameter
+/// is refused: a misspelled filter must not widen a purge.
 #[derive(Deserialize)]
-pub struct ListParams {
-    #[serde(flatten)]
-    filter: FilterParams,
+#[serde(deny_unknown_fields)]
+pub struct QueryParams {
+    stage: Option<String>,
+    reason: Option<String>,
+    event_type: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
     /// Resume after this DEADLETTER sequence (the `next` of the previous page).
     after: Option<u64>,
+    /// List only.
     limit: Option<usize>,
+    /// Purge only: required to purge with no filter at all.
+    all: Option<bool>,
+}
+
+impl QueryParams {
+    fn filter(&self) -> Result<Filter, ApiError> {
+        let params = FilterParams {
+            stage: self.stage.clone(),
+            reason: self.reason.clone(),
+            event_type: self.event_type.clone(),
+            since: self.since.clone(),
+            until: self.until.clone(),
+        };
+        parse_filter(&params).map_err(ApiError::Validation)
+    }
 }
 
 #[derive(Serialize)]
@@ -92,8 +114,8 @@ pub struct Listed {
     next: Option<u64>,
 }
 
-pub async fn list(State(state): State<AppState>, Query(params): Query<ListParams>) -> Result<Json<Listed>, ApiError> {
-    let filter = parse_filter(&params.filter).map_err(ApiError::Validation)?;
+pub async fn list(State(state): State<AppState>, Query(params): Query<QueryParams>) -> Result<Json<Listed>, ApiError> {
+    let filter = params.filter()?;
     let limit = page_limit(params.limit)?;
     let letters = DeadLetters::open(&state.bus).await?;
     let page = letters.page(&filter, params.after.unwrap_or(0), limit).await?;
@@ -160,23 +182,15 @@ pub async fn delete(State(state): State<AppState>, Path(seq): Path<String>) -> R
     Ok(Json(json!({"status": "deleted", "seq": seq})))
 }
 
-#[derive(Deserialize)]
-pub struct PurgeParams {
-    #[serde(flatten)]
-    filter: FilterParams,
-    /// Required to purge with no filter at all.
-    all: Option<bool>,
-}
-
 /// Deletes what the filter matches among the dead letters one call reads ([`SCAN_LIMIT`]);
 /// `next` is not null when more were left unread: call again.
-pub async fn purge(State(state): State<AppState>, Query(params): Query<PurgeParams>) -> Result<Json<Value>, ApiError> {
-    let filter = parse_filter(&params.filter).map_err(ApiError::Validation)?;
+pub async fn purge(State(state): State<AppState>, Query(params): Query<QueryParams>) -> Result<Json<Value>, ApiError> {
+    let filter = params.filter()?;
     if filter.is_empty() && params.all != Some(true) {
         return Err(ApiError::field("all", "a purge with no filter must say all=true"));
     }
     let letters = DeadLetters::open(&state.bus).await?;
-    let page = letters.page(&filter, 0, SCAN_LIMIT).await?;
+    let page = letters.page(&filter, params.after.unwrap_or(0), SCAN_LIMIT).await?;
     let mut deleted = 0;
     for letter in &page.letters {
         if letters.delete(letter.seq).await? {
@@ -195,6 +209,8 @@ fn count_deleted(state: &AppState, stage: &str, n: u64) {
 #[derive(Debug)]
 pub struct RedriveRequest {
     pub which: Which,
+    /// With a filter: resume after this DEADLETTER sequence.
+    pub after: u64,
     pub payload: Option<Bytes>,
 }
 
@@ -207,9 +223,19 @@ pub enum Which {
 pub fn parse_redrive(body: &Value) -> Result<RedriveRequest, Vec<FieldError>> {
     let map = crate::domain::fields::object_body(body)?;
     let mut errors = Vec::new();
-    for key in map.keys().filter(|key| !matches!(key.as_str(), "seqs" | "filter" | "payload")) {
-        errors.push(FieldError::new(key, "is not a redrive field (seqs, filter, payload)"));
+    for key in map.keys().filter(|key| !matches!(key.as_str(), "seqs" | "filter" | "after" | "payload")) {
+        errors.push(FieldError::new(key, "is not a redrive field (seqs, filter, after, payload)"));
     }
+    let after = match map.get("after") {
+        None => 0,
+        Some(after) => match (after.as_u64(), map.contains_key("filter")) {
+            (Some(after), true) => after,
+            _ => {
+                errors.push(FieldError::new("after", "goes with filter: the next of the previous answer"));
+                0
+            }
+        },
+    };
     let which = match (map.get("seqs"), map.get("filter")) {
         (Some(Value::Array(items)), None) if !items.is_empty() && items.len() <= MAX_PAGE => {
             let seqs: Option<Vec<u64>> = items.iter().map(|item| item.as_u64().filter(|seq| *seq > 0)).collect();
@@ -245,7 +271,7 @@ pub fn parse_redrive(body: &Value) -> Result<RedriveRequest, Vec<FieldError>> {
         errors.push(FieldError::new("payload", "replaces the payload of one dead letter: give exactly one seq"));
     }
     match which {
-        Some(which) if errors.is_empty() => Ok(RedriveRequest { which, payload }),
+        Some(which) if errors.is_empty() => Ok(RedriveRequest { which, after, payload }),
         _ => Err(errors),
     }
 }
@@ -259,6 +285,10 @@ pub struct Redriven {
     action: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     replay_id: Option<Uuid>,
+    /// False when the redrive went through but the dead letter could not be deleted (it is
+    /// still listed; a second redrive of a republished or requeued one lands once within
+    /// JetStream's duplicate window).
+    deleted: bool,
 }
 
 #[derive(Serialize)]
@@ -286,7 +316,7 @@ pub async fn redrive(State(state): State<AppState>, JsonBody(body): JsonBody) ->
             }
         }
         Which::Matching(filter) => {
-            let page = letters.page(filter, 0, MAX_PAGE).await?;
+            let page = letters.page(filter, request.after, MAX_PAGE).await?;
             (selected, next) = (page.letters, page.next);
         }
     }
@@ -296,12 +326,16 @@ pub async fn redrive(State(state): State<AppState>, JsonBody(body): JsonBody) ->
             Ok((action, replay_id)) => {
                 // Deleted only now: a redrive that failed leaves the dead letter listed. A
                 // replay job deletes its own once the processors succeeded.
-                if replay_id.is_none() {
-                    letters.delete(letter.seq).await?;
-                }
+                let deleted = match replay_id {
+                    Some(_) => false,
+                    None => letters.delete(letter.seq).await.unwrap_or_else(|error| {
+                        tracing::warn!(seq = letter.seq, %error, "redriven, but the dead letter is not deleted");
+                        false
+                    }),
+                };
                 let labels = StageLabels { stage: stage_name(&letter.stage) };
                 state.bus.metrics().dead_letters_redriven.get_or_create(&labels).inc();
-                redriven.push(Redriven { seq: letter.seq, stage: letter.stage, action, replay_id });
+                redriven.push(Redriven { seq: letter.seq, stage: letter.stage, action, replay_id, deleted });
             }
             Err((code, detail)) => refused.push(Refused { seq: letter.seq, code, detail }),
         }
@@ -336,6 +370,8 @@ mod tests {
         );
         assert_eq!(fields(json!({"filter": {"colour": "red"}})), ["filter"]);
         assert_eq!(fields(json!({"seqs": [1], "extra": 1})), ["extra"]);
+        assert_eq!(fields(json!({"seqs": [1], "after": 5})), ["after"]);
+        assert_eq!(parse_redrive(&json!({"filter": {}, "after": 5})).unwrap().after, 5);
     }
 
     #[test]

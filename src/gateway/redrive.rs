@@ -43,7 +43,8 @@ pub async fn carry_out(state: &AppState, letter: &DeadLetter, route: Route) -> C
             }
             let event = events::get_event(&state.pool, event_id).await.map_err(unavailable)?;
             let event = event.ok_or_else(|| ("event_not_stored", format!("event {event_id} is not stored")))?;
-            dispatcher::requeue(&state.bus, &state.pool, &subscription_id, &[event.to_event()])
+            let message_id = |_: &crate::domain::Event| format!("redrive.{}", letter.seq);
+            dispatcher::requeue_as(&state.bus, &state.pool, &subscription_id, &[event.to_event()], message_id)
                 .await
                 .map_err(unavailable)?;
             Ok(("requeued", None))
@@ -54,6 +55,10 @@ pub async fn carry_out(state: &AppState, letter: &DeadLetter, route: Route) -> C
 
 /// A replay job of one event, for the processors whose latest result is still a failure.
 async fn reprocess(state: &AppState, letter: &DeadLetter, event_id: Uuid) -> Carried {
+    if replay_jobs::redriving(&state.pool, letter.seq).await.map_err(unavailable)? {
+        let detail = format!("a replay job is redriving dead letter {} already", letter.seq);
+        return Err(("already_redriving", detail));
+    }
     let failed = processing::still_failed(&state.pool, event_id).await.map_err(unavailable)?;
     if failed.is_empty() {
         let detail =

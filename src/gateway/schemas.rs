@@ -74,7 +74,7 @@ impl AppState {
         self.bus.metrics().schema_checks.get_or_create(&SchemaLabels { outcome }).inc();
         match checked {
             Checked::Accepted => Ok(()),
-            Checked::Refused(errors) => Err(errors),
+            Checked::Refused(errors) => Err(errors.iter().map(|error| error.to_field_error()).collect()),
         }
     }
 

@@ -149,6 +149,16 @@ pub async fn insert(pool: &PgPool, job: &NewJob<'_>) -> Result<(), sqlx::Error> 
     Ok(())
 }
 
+/// Whether a queued or running replay job redrives this processor dead letter.
+pub async fn redriving(pool: &PgPool, dead_letter_seq: u64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM event.replay_jobs WHERE dead_letter_seq = $1 AND status IN ('queued', 'running'))",
+    )
+    .bind(dead_letter_seq as i64)
+    .fetch_one(pool)
+    .await
+}
+
 pub async fn get(pool: &PgPool, replay_id: Uuid) -> Result<Option<Job>, sqlx::Error> {
     sqlx::query_as(
         "SELECT replay_id, status, selector, target_service, processors, events_count, replayed, failed, until_seq, \

@@ -125,6 +125,9 @@ async fn a_poison_nats_message_is_listed_shown_and_stored_once_its_payload_is_fi
     let (status, _) = app.post(&format!("{LIST}/redrive"), &json!({"filter": {}, "payload": {}})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(delete(&app, LIST).await.0, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, misspelled) = delete(&app, &format!("{LIST}?stage=persister&reason_code=x")).await;
+    assert_eq!((status, misspelled["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")), "never wider");
+    assert_eq!(listed(&app, "").await.len(), 1, "nothing was purged");
     let (status, purged) = delete(&app, &format!("{LIST}?event_type=user.*")).await;
     assert_eq!((status, purged["deleted"].as_u64()), (StatusCode::OK, Some(1)), "{purged}");
     assert!(listed(&app, "").await.is_empty());

@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
 use async_nats::jetstream::stream::Stream;
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -28,12 +29,18 @@ const CAPACITY: usize = 4096;
 /// How long one catch-up waits for the next message before it takes what it has.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
-/// One event on the feed: its EVENTS sequence, the event, and its JSON (encoded once).
+/// One event on the feed: its EVENTS sequence, the event, and its SSE frame (rendered once,
+/// shared by every tail that sends it).
 #[derive(Debug)]
 pub struct LiveEvent {
     pub seq: u64,
     pub event: Event,
-    pub json: String,
+    pub shared_frame: Bytes,
+}
+
+/// `id: {seq}`, `event: event`, `data: {json}` (compact JSON has no line breaks).
+fn frame(seq: u64, json: &str) -> Bytes {
+    Bytes::from(format!("id: {seq}\nevent: event\ndata: {json}\n\n"))
 }
 
 /// The shared feed of one gateway.
@@ -88,8 +95,11 @@ impl LiveFeed {
 
     async fn run(self: Arc<Self>) {
         tracing::info!("live feed started");
+        // The last sequence broadcast: after an error the feed goes on from there, so the
+        // tails listening see no gap.
+        let mut last = None;
         while !self.stop_if_idle() {
-            if let Err(error) = self.follow().await {
+            if let Err(error) = self.follow(&mut last).await {
                 tracing::warn!(%error, "live feed interrupted; starting again");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -97,14 +107,22 @@ impl LiveFeed {
         tracing::info!("live feed stopped: no tail listens");
     }
 
-    /// Follows EVENTS from the newest message until nobody listens or it fails.
-    async fn follow(&self) -> Result<(), FeedError> {
-        let mut messages = ordered(&self.events().await?, DeliverPolicy::New).await?;
+    /// Follows EVENTS after `last` (from the newest message when it is `None`) until nobody
+    /// listens or it fails.
+    async fn follow(&self, last: &mut Option<u64>) -> Result<(), FeedError> {
+        let policy = match *last {
+            Some(seq) => DeliverPolicy::ByStartSequence { start_sequence: seq + 1 },
+            None => DeliverPolicy::New,
+        };
+        let mut messages = ordered(&self.events().await?, policy).await?;
         let mut idle = tokio::time::interval(Duration::from_secs(2));
         loop {
             tokio::select! {
                 next = messages.next() => match next {
                     Some(Ok(message)) => {
+                        if let Ok(info) = message.info() {
+                            *last = Some(info.stream_sequence);
+                        }
                         if let Some(live) = live_event(&message) {
                             // No receiver is not an error: the idle check stops the feed.
                             let _ = self.sender.send(Arc::new(live));
@@ -160,10 +178,9 @@ impl CatchUp {
             let message = match tokio::time::timeout(CATCH_UP_WAIT, messages.next()).await {
                 Ok(Some(Ok(message))) => message,
                 Ok(Some(Err(error))) => return Err(FeedError::Read(error.to_string())),
-                Ok(None) | Err(_) => {
-                    self.messages = None;
-                    return Ok(None);
-                }
+                // Not caught up and nothing comes: end the tail rather than skip (the client
+                // reconnects with Last-Event-ID).
+                Ok(None) | Err(_) => return Err(FeedError::Read("the catch-up stalled".into())),
             };
             let seq = message.info().map(|info| info.stream_sequence).unwrap_or(self.newest);
             if seq >= self.newest {
@@ -191,5 +208,5 @@ async fn ordered(
 fn live_event(message: &async_nats::jetstream::Message) -> Option<LiveEvent> {
     let incoming = codec::decode(message).ok()?;
     let json = serde_json::to_string(&incoming.event).ok()?;
-    Some(LiveEvent { seq: incoming.stream_seq, event: incoming.event, json })
+    Some(LiveEvent { seq: incoming.stream_seq, shared_frame: frame(incoming.stream_seq, &json), event: incoming.event })
 }

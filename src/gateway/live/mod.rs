@@ -15,10 +15,14 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::time::Instant;
+
+use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use futures::Stream;
+use axum::http::{HeaderMap, HeaderName, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt as _;
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 
@@ -113,15 +117,15 @@ pub async fn live(
     State(state): State<AppState>,
     Query(params): Query<LiveParams>,
     headers: HeaderMap,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let last_event_id = headers.get("last-event-id").map(|value| value.to_str().unwrap_or("?"));
     let (filter, heartbeat, resume) = parse(&params, last_event_id).map_err(ApiError::Validation)?;
     if state.live.listeners() >= state.max_live_tails {
         return Err(ApiError::TooManyTails(state.max_live_tails));
     }
     let receiver = state.live.subscribe();
-    let (sender, events) = mpsc::channel(256);
-    let tail = Tail { feed: state.live.clone(), filter, sender, metrics: state.bus.shared_metrics() };
+    let (sender, frames) = mpsc::channel(256);
+    let tail = Tail { feed: state.live.clone(), filter, sender, heartbeat, metrics: state.bus.shared_metrics() };
     let token = state.token.clone();
     tokio::spawn(async move {
         tokio::select! {
@@ -129,21 +133,33 @@ pub async fn live(
             _ = token.cancelled() => {}
         }
     });
-    let opening = SseEvent::default().comment("live").retry(Duration::from_secs(1));
-    let stream = futures::stream::once(async move { Ok(opening) })
-        .chain(futures::stream::unfold(events, |mut events| async move {
-            events.recv().await.map(|event| (Ok(event), events))
+    let opening = Bytes::from_static(b": live\nretry: 1000\n\n");
+    let stream = futures::stream::once(async move { Ok::<_, Infallible>(opening) })
+        .chain(futures::stream::unfold(frames, |mut frames| async move {
+            frames.recv().await.map(|frame| (Ok(frame), frames))
         }));
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat")))
+    let headers = [
+        (header::CONTENT_TYPE, "text/event-stream"),
+        (header::CACHE_CONTROL, "no-cache"),
+        // Proxies that buffer (nginx) pass the stream through as it comes.
+        (HeaderName::from_static("x-accel-buffering"), "no"),
+    ];
+    Ok((headers, Body::from_stream(stream)).into_response())
 }
 
-use futures::StreamExt as _;
+/// How long a tail waits for a client that does not read before it ends the tail.
+const STALLED: Duration = Duration::from_secs(10);
 
-/// One client's tail: catches up from JetStream when resuming, then follows the feed.
+/// A heartbeat: an SSE comment.
+const HEARTBEAT: &[u8] = b": heartbeat\n\n";
+
+/// One client's tail: catches up from JetStream when resuming, then follows the feed. It
+/// writes SSE frames: each event's is rendered once by the feed and shared by every tail.
 struct Tail {
     feed: Arc<LiveFeed>,
     filter: LiveFilter,
-    sender: mpsc::Sender<SseEvent>,
+    sender: mpsc::Sender<Bytes>,
+    heartbeat: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -155,7 +171,7 @@ impl Tail {
             None => Ok(0),
         };
         match last {
-            Ok(last) => self.follow(receiver, last).await,
+            Ok(last) => self.follow(receiver, last, resume.is_some()).await,
             Err(error) => {
                 tracing::warn!(%error, "a live tail could not catch up");
                 let _ = self.sender.send(notice("unavailable", "cannot read EVENTS now; reconnect")).await;
@@ -167,29 +183,73 @@ impl Tail {
     /// Sends what was missed after `after`; returns the last sequence covered.
     async fn catch_up(&self, after: u64) -> Result<u64, feed::FeedError> {
         let mut missed = self.feed.catch_up(after).await?;
+        let mut quiet_since = Instant::now();
         while let Some(event) = missed.next().await? {
-            if !self.send(&event).await {
-                break;
+            if self.filter.matches(&event.event) {
+                if !self.send(event.shared_frame).await {
+                    break;
+                }
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= self.heartbeat {
+                // Nothing matched for a while: keep the connection alive.
+                if !self.write(Bytes::from_static(HEARTBEAT)).await {
+                    break;
+                }
+                quiet_since = Instant::now();
             }
         }
         Ok(missed.newest)
     }
 
-    /// Sends the feed's events after `last` until the client goes or falls behind.
-    async fn follow(&self, mut receiver: broadcast::Receiver<Arc<LiveEvent>>, mut last: u64) {
+    /// Sends the feed's events after `last` until the client goes or falls behind, with a
+    /// heartbeat whenever nothing was sent for `heartbeat`.
+    async fn follow(&self, mut receiver: broadcast::Receiver<Arc<LiveEvent>>, mut last: u64, resumed: bool) {
+        let mut quiet_since = Instant::now();
+        // A resumed tail's catch-up may end before the first event the feed hands it (the
+        // feed may have started after the catch-up read the stream's end): fill that gap once.
+        let mut check_gap = resumed;
         loop {
             let received = tokio::select! {
                 received = receiver.recv() => received,
+                _ = tokio::time::sleep_until((quiet_since + self.heartbeat).into()) => {
+                    if !self.write(Bytes::from_static(HEARTBEAT)).await {
+                        break;
+                    }
+                    quiet_since = Instant::now();
+                    continue;
+                }
                 // The client went away while nothing arrived.
                 _ = self.sender.closed() => break,
             };
             match received {
                 // The feed repeats what the catch-up read: skip it.
                 Ok(event) if event.seq <= last => {}
+                Ok(event) if check_gap && event.seq > last + 1 => {
+                    check_gap = false;
+                    match self.catch_up(last).await {
+                        Ok(covered) => last = covered.max(last),
+                        Err(error) => {
+                            tracing::warn!(%error, "a live tail could not fill its gap");
+                            let _ = self.sender.send(notice("unavailable", "cannot read EVENTS now; reconnect")).await;
+                            break;
+                        }
+                    }
+                    if event.seq > last {
+                        last = event.seq;
+                        if self.filter.matches(&event.event) && !self.send(event.shared_frame.clone()).await {
+                            break;
+                        }
+                    }
+                    quiet_since = Instant::now();
+                }
                 Ok(event) => {
+                    check_gap = false;
                     last = event.seq;
-                    if !self.send(&event).await {
-                        break;
+                    if self.filter.matches(&event.event) {
+                        if !self.send(event.shared_frame.clone()).await {
+                            break;
+                        }
+                        quiet_since = Instant::now();
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -203,23 +263,32 @@ impl Tail {
         }
     }
 
-    /// Sends a matching event; false once the client is gone.
-    async fn send(&self, event: &LiveEvent) -> bool {
-        if !self.filter.matches(&event.event) {
-            return !self.sender.is_closed();
-        }
-        let sse = SseEvent::default().id(event.seq.to_string()).event("event").data(&event.json);
-        let sent = self.sender.send(sse).await.is_ok();
+    /// Sends an event's frame and counts it; false once the client is gone.
+    async fn send(&self, frame: Bytes) -> bool {
+        let sent = self.write(frame).await;
         if sent {
             self.metrics.live_events_sent.inc();
         }
         sent
     }
+
+    /// Writes a frame; false once the client is gone, or stalled (it has not read for
+    /// [`STALLED`] with a full buffer: it reconnects with `Last-Event-ID`).
+    async fn write(&self, frame: Bytes) -> bool {
+        match tokio::time::timeout(STALLED, self.sender.send(frame)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                self.metrics.live_tails_lagged.inc();
+                false
+            }
+        }
+    }
 }
 
 /// A control event: `{"code", "detail"}` under the SSE event name `code`.
-fn notice(code: &str, detail: &str) -> SseEvent {
-    SseEvent::default().event(code).data(serde_json::json!({"code": code, "detail": detail}).to_string())
+fn notice(code: &str, detail: &str) -> Bytes {
+    let data = serde_json::json!({"code": code, "detail": detail});
+    Bytes::from(format!("event: {code}\ndata: {data}\n\n"))
 }
 
 #[cfg(test)]

@@ -62,9 +62,8 @@ pub async fn publish(bus: &Bus, stage: &str, original: Original<'_>, rejection: 
     {
         copied.insert(headers::ORIGINAL_MSG_ID, id);
     }
-    if copied.get(headers::EVENT_ID).is_none()
-        && let Some(event_id) = rejection.event_id
-    {
+    // The stage knows which event it refused; a header the producer set does not.
+    if let Some(event_id) = rejection.event_id {
         copied.insert(headers::EVENT_ID, event_id.to_string().as_str());
     }
     copied.insert(async_nats::header::NATS_MESSAGE_ID, format!("{stage}.{}.{sequence}", original.stream).as_str());

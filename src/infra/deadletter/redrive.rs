@@ -46,8 +46,9 @@ pub fn route(letter: &DeadLetter, replacement: Option<Bytes>) -> Route {
         _ => false,
     };
     if republishes {
+        let replaced = replacement.is_some();
         let payload = replacement.unwrap_or_else(|| letter.payload.clone());
-        return Route::Republish(republished(letter, payload));
+        return Route::Republish(republished(letter, payload, replaced));
     }
     if replacement.is_some() {
         return refuse(
@@ -67,13 +68,15 @@ pub fn route(letter: &DeadLetter, replacement: Option<Bytes>) -> Route {
     }
 }
 
-/// The original message again, as its producer sent it, with the redrive's dedupe id.
-fn republished(letter: &DeadLetter, payload: Bytes) -> Outgoing {
+/// The original message again, as its producer sent it, with the redrive's dedupe id. A
+/// replaced payload loses the gateway's mark, so the persister checks it against its schema.
+fn republished(letter: &DeadLetter, payload: Bytes, replaced: bool) -> Outgoing {
     let mut copied = HeaderMap::new();
     for (name, values) in letter.headers.iter() {
         let name_text: &str = name.as_ref();
         let dropped = DEAD_LETTER_HEADERS.iter().any(|header| header.eq_ignore_ascii_case(name_text))
-            || name_text.eq_ignore_ascii_case(async_nats::header::NATS_MESSAGE_ID.as_ref());
+            || name_text.eq_ignore_ascii_case(async_nats::header::NATS_MESSAGE_ID.as_ref())
+            || (replaced && name_text.eq_ignore_ascii_case(headers::INGEST));
         if !dropped {
             for value in values {
                 copied.append(name.clone(), value.clone());

@@ -5,6 +5,7 @@
 //! it is redacted (a rule may make it no longer match); a refused event is left as it was; an
 //! accepted one carries `metadata.schema_version`, and in `flag` mode `metadata.schema_errors`.
 
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
@@ -27,13 +28,44 @@ pub struct Active {
 pub enum Checked {
     /// Valid, or flagged: the event goes on (changed as the schema says).
     Accepted,
-    /// Refused in `reject` mode: why, as field errors under `data`.
-    Refused(Vec<FieldError>),
+    /// Refused in `reject` mode: why.
+    Refused(Vec<SchemaError>),
 }
 
-/// Compiles a draft 2020-12 schema.
+/// One way an event fails its schema.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SchemaError {
+    /// Where in the event: `data.amount`.
+    pub field: String,
+    /// The schema keyword that failed: `minimum`, `required`, `type`, ...
+    pub keyword: String,
+    /// The validator's message; it quotes the value, so it goes only to the producer (the
+    /// HTTP answer), never into stored metadata or dead-letter headers.
+    #[serde(skip)]
+    pub message: String,
+}
+
+impl SchemaError {
+    /// As a field error of the HTTP answer.
+    pub fn to_field_error(&self) -> FieldError {
+        FieldError::new(&self.field, &self.message)
+    }
+
+    /// Without the value: for what is stored or logged.
+    pub fn summary(&self) -> String {
+        format!("{} fails `{}`", self.field, self.keyword)
+    }
+}
+
+/// Compiles a draft 2020-12 schema. Patterns use the linear-time `regex` engine, so no
+/// registered pattern can make a check backtrack for long on the ingest path (patterns that
+/// need backtracking, such as back-references, are refused when the schema is registered).
 pub fn compile(schema: &Value) -> Result<jsonschema::Validator, String> {
-    jsonschema::draft202012::new(schema).map_err(|error| error.to_string())
+    jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .with_pattern_options(jsonschema::PatternOptions::regex())
+        .build(schema)
+        .map_err(|error| error.to_string())
 }
 
 impl Active {
@@ -50,11 +82,15 @@ impl Active {
     /// and applies the redaction rules.
     pub fn check(&self, event: &mut Event) -> Checked {
         let data = Value::Object(std::mem::take(&mut event.data));
-        let errors: Vec<FieldError> = self
+        let errors: Vec<SchemaError> = self
             .validator
             .iter_errors(&data)
             .take(MAX_ERRORS)
-            .map(|error| FieldError::new(field_of(error.instance_path().as_str()), error.to_string()))
+            .map(|error| SchemaError {
+                field: field_of(error.instance_path().as_str()),
+                keyword: error.schema_path().as_str().rsplit('/').next().unwrap_or_default().to_owned(),
+                message: error.to_string(),
+            })
             .collect();
         event.data = match data {
             Value::Object(map) => map,
@@ -127,6 +163,10 @@ mod tests {
     fn reject_mode_refuses_with_the_failing_paths_and_leaves_the_event_alone() {
         let mut bad = event(json!({"amount": -1}));
         let Checked::Refused(errors) = active(SchemaMode::Reject, vec![]).check(&mut bad) else { panic!("accepted") };
+        let mut keywords: Vec<&str> = errors.iter().map(|error| error.keyword.as_str()).collect();
+        keywords.sort();
+        assert_eq!(keywords, ["minimum", "required"]);
+        assert!(errors.iter().all(|error| !error.summary().contains("-1")), "no value in the summary");
         let mut fields: Vec<&str> = errors.iter().map(|error| error.field.as_str()).collect();
         fields.sort();
         assert_eq!(fields, ["data", "data.amount"], "{errors:?}");
@@ -146,7 +186,7 @@ mod tests {
         ];
         let mut flagged = event(json!({"amount": 5, "email": "a@b.c", "card": {"number": "4111"}}));
         assert_eq!(active(SchemaMode::Flag, rules).check(&mut flagged), Checked::Accepted);
-        assert_eq!(flagged.metadata["schema_errors"][0]["field"], "data");
+        assert_eq!(flagged.metadata["schema_errors"][0], json!({"field": "data", "keyword": "required"}));
         assert!(flagged.data.get("email").is_none());
         assert_eq!(flagged.data["card"]["number"], hex::encode(Sha256::digest(b"\"4111\"")));
         assert_eq!(flagged.data["amount"], 5);

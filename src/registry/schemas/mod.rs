@@ -157,7 +157,10 @@ pub async fn register(
     .fetch_optional(&mut *tx)
     .await?;
     if backward && let Some(newest) = &newest {
-        let breaking = compat::breaking_changes(&newest.schema, &new.schema);
+        let mut breaking = compat::breaking_changes(&newest.schema, &new.schema);
+        if newest.mode == SchemaMode::Flag && new.mode == SchemaMode::Reject {
+            breaking.push("the mode changes from flag to reject: events flagged before would be refused".to_owned());
+        }
         if !breaking.is_empty() {
             return Err(RegisterError::Incompatible(breaking));
         }

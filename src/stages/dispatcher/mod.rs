@@ -115,6 +115,19 @@ pub enum RequeueError {
 /// budget counted from its latest attempt. Fails, queueing nothing, when the attempts cannot
 /// be read; returns how many were queued.
 pub async fn requeue(bus: &Bus, pool: &PgPool, subscription_id: &str, events: &[Event]) -> Result<usize, RequeueError> {
+    let resend = |event: &Event| format!("{}.{subscription_id}.resend.{}", event.event_id, uuid::Uuid::now_v7());
+    requeue_as(bus, pool, subscription_id, events, resend).await
+}
+
+/// [`requeue`] with the caller's `Nats-Msg-Id` for each event (a redrive's is derived from
+/// its dead letter, so redriving it twice queues it once).
+pub async fn requeue_as(
+    bus: &Bus,
+    pool: &PgPool,
+    subscription_id: &str,
+    events: &[Event],
+    message_id: impl Fn(&Event) -> String,
+) -> Result<usize, RequeueError> {
     let keys: Vec<(String, uuid::Uuid)> =
         events.iter().map(|event| (subscription_id.to_owned(), event.event_id)).collect();
     let latest = deliveries::latest_attempts(pool, &keys).await?;
@@ -122,8 +135,7 @@ pub async fn requeue(bus: &Bus, pool: &PgPool, subscription_id: &str, events: &[
     for event in events {
         let base = latest.get(&(subscription_id.to_owned(), event.event_id)).copied().unwrap_or(0);
         let key = DeliveryKey { subscription_id: subscription_id.to_owned(), event_id: event.event_id, base };
-        let message_id = format!("{}.{subscription_id}.resend.{}", event.event_id, uuid::Uuid::now_v7());
-        messages.push(delivery::encode(&key, Bytes::from(serde_json::to_vec(event)?), &message_id));
+        messages.push(delivery::encode(&key, Bytes::from(serde_json::to_vec(event)?), &message_id(event)));
     }
     let mut queued = 0;
     for result in bus.publish_all(messages).await {

@@ -107,9 +107,9 @@ impl Handler {
         let Plan { stored, store, later, missing, advance_to } =
             plan::plan(stored_up_to, &seqs, catch_up_to, MAX_GAP_FILL);
         let mut done = Vec::new();
-        let schemas = self.schemas.snapshot();
         for index in stored {
-            answer_for(&envelopes[index], self.checked(&envelopes[index], &schemas), &mut outcomes, &mut done);
+            // Stored already: checked when it was stored, not again against a newer schema.
+            answer_for(&envelopes[index], envelopes[index].decode(), &mut outcomes, &mut done);
         }
         for index in later {
             set(&mut outcomes, envelopes[index].position, Outcome::Retry { after: Duration::ZERO });
@@ -210,8 +210,7 @@ impl Handler {
         match checked {
             Checked::Accepted => Ok(incoming),
             Checked::Refused(errors) => {
-                let detail: Vec<String> =
-                    errors.iter().map(|error| format!("{}: {}", error.field, error.message)).collect();
+                let detail: Vec<String> = errors.iter().map(|error| error.summary()).collect();
                 Err(Rejection::new("schema_violation", detail.join("; ")).about(incoming.event.event_id))
             }
         }

@@ -81,10 +81,12 @@ impl JobHandler {
             job.failed += failed;
             job.last_seq = last_seq;
         }
-        replay_jobs::set_status(&self.pool, replay_id, JobStatus::Completed).await.map_err(database)?;
+        // Before the job is marked completed: a crash in between runs the job to its end
+        // again, and this again.
         if let Some(seq) = job.dead_letter_seq {
             self.settle_dead_letter(seq as u64, &job).await;
         }
+        replay_jobs::set_status(&self.pool, replay_id, JobStatus::Completed).await.map_err(database)?;
         let completed = ReplayCompleted {
             replay_id,
             events_count: job.events_count,
@@ -137,6 +139,10 @@ impl JobHandler {
             let trace = TraceContext::for_event(event.event_id);
             let ran = runner.run_in_order(&event, &payload, &processors, &run_id, &trace, |_, _| true).await;
             let mut ok = ran.iter().all(|ran| ran.result.status == ResultStatus::Success);
+            // A redrive whose processors are gone ran nothing: that is not a success.
+            if ran.is_empty() && job.dead_letter_seq.is_some() {
+                ok = false;
+            }
             if let Some(target) = &job.target_service {
                 let subject = subjects::replay_subject(
                     target,
