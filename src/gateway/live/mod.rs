@@ -275,6 +275,11 @@ impl Tail {
     /// Writes a frame; false once the client is gone, or stalled (it has not read for
     /// [`STALLED`] with a full buffer: it reconnects with `Last-Event-ID`).
     async fn write(&self, frame: Bytes) -> bool {
+        let frame = match self.sender.try_send(frame) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(frame)) => frame,
+        };
         match tokio::time::timeout(STALLED, self.sender.send(frame)).await {
             Ok(sent) => sent.is_ok(),
             Err(_) => {
