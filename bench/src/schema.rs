@@ -51,7 +51,7 @@ impl Bench {
             .collect::<anyhow::Result<_>>()?;
         let started = Instant::now();
         for event in &mut events {
-            if active.check(event) != Checked::Accepted {
+            if active.check(event) != Checked::Valid {
                 bail!("a bench sample does not match the bench schema");
             }
         }

@@ -16,7 +16,7 @@ use super::extract::JsonBody;
 use crate::domain::{Event, FieldError};
 use crate::infra::metrics::SchemaLabels;
 use crate::registry;
-use crate::registry::schemas::{self, Checked, RegisterError, SchemaMode, SchemaVersion, Schemas};
+use crate::registry::schemas::{self, Checked, RegisterError, SchemaVersion, Schemas};
 
 #[derive(Deserialize)]
 pub struct RegisterParams {
@@ -66,14 +66,9 @@ impl AppState {
         let set = self.schemas.snapshot();
         let Some(active) = set.get(&event.event_type) else { return Ok(()) };
         let checked = active.check(event);
-        let outcome = match (&checked, active.mode) {
-            (Checked::Refused(_), _) => "refused",
-            (Checked::Accepted, SchemaMode::Flag) if event.metadata.contains_key("schema_errors") => "flagged",
-            (Checked::Accepted, _) => "valid",
-        };
-        self.bus.metrics().schema_checks.get_or_create(&SchemaLabels { outcome }).inc();
+        self.bus.metrics().schema_checks.get_or_create(&SchemaLabels { outcome: checked.outcome() }).inc();
         match checked {
-            Checked::Accepted => Ok(()),
+            Checked::Valid | Checked::Flagged => Ok(()),
             Checked::Refused(errors) => Err(errors.iter().map(|error| error.to_field_error()).collect()),
         }
     }

@@ -26,10 +26,23 @@ pub struct Active {
 /// What checking an event came to.
 #[derive(Debug, PartialEq)]
 pub enum Checked {
-    /// Valid, or flagged: the event goes on (changed as the schema says).
-    Accepted,
-    /// Refused in `reject` mode: why.
+    /// Valid: the event goes on (with its version, redacted).
+    Valid,
+    /// Invalid in `flag` mode: the event goes on with its errors.
+    Flagged,
+    /// Invalid in `reject` mode: why.
     Refused(Vec<SchemaError>),
+}
+
+impl Checked {
+    /// The outcome as a metric label.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Checked::Valid => "valid",
+            Checked::Flagged => "flagged",
+            Checked::Refused(_) => "refused",
+        }
+    }
 }
 
 /// One way an event fails its schema.
@@ -100,13 +113,14 @@ impl Active {
             return Checked::Refused(errors);
         }
         event.metadata.insert("schema_version".to_owned(), json!(self.version));
-        if !errors.is_empty() {
+        let flagged = !errors.is_empty();
+        if flagged {
             event.metadata.insert("schema_errors".to_owned(), json!(errors));
         }
         for rule in &self.redact {
             redact(&mut event.data, &rule.path, rule.action);
         }
-        Checked::Accepted
+        if flagged { Checked::Flagged } else { Checked::Valid }
     }
 }
 
@@ -173,7 +187,7 @@ mod tests {
         assert_eq!(bad.data["amount"], -1);
         assert!(bad.metadata.get("schema_version").is_none());
         let mut good = event(json!({"order_id": "o-1"}));
-        assert_eq!(active(SchemaMode::Reject, vec![]).check(&mut good), Checked::Accepted);
+        assert_eq!(active(SchemaMode::Reject, vec![]).check(&mut good), Checked::Valid);
         assert_eq!(good.metadata["schema_version"], 3);
     }
 
@@ -185,7 +199,7 @@ mod tests {
             Redaction { path: "missing.path".into(), action: RedactAction::Drop },
         ];
         let mut flagged = event(json!({"amount": 5, "email": "a@b.c", "card": {"number": "4111"}}));
-        assert_eq!(active(SchemaMode::Flag, rules).check(&mut flagged), Checked::Accepted);
+        assert_eq!(active(SchemaMode::Flag, rules).check(&mut flagged), Checked::Flagged);
         assert_eq!(flagged.metadata["schema_errors"][0], json!({"field": "data", "keyword": "required"}));
         assert!(flagged.data.get("email").is_none());
         assert_eq!(flagged.data["card"]["number"], hex::encode(Sha256::digest(b"\"4111\"")));

@@ -201,14 +201,9 @@ impl Handler {
         }
         let Some(active) = schemas.get(&incoming.event.event_type) else { return Ok(incoming) };
         let checked = active.check(&mut incoming.event);
-        let outcome = match &checked {
-            Checked::Refused(_) => "refused",
-            Checked::Accepted if incoming.event.metadata.contains_key("schema_errors") => "flagged",
-            Checked::Accepted => "valid",
-        };
-        self.bus.metrics().schema_checks.get_or_create(&SchemaLabels { outcome }).inc();
+        self.bus.metrics().schema_checks.get_or_create(&SchemaLabels { outcome: checked.outcome() }).inc();
         match checked {
-            Checked::Accepted => Ok(incoming),
+            Checked::Valid | Checked::Flagged => Ok(incoming),
             Checked::Refused(errors) => {
                 let detail: Vec<String> = errors.iter().map(|error| error.summary()).collect();
                 Err(Rejection::new("schema_violation", detail.join("; ")).about(incoming.event.event_id))
