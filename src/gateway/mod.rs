@@ -58,6 +58,7 @@ use crate::infra::settings::GatewayArgs;
 use crate::infra::telemetry;
 use crate::registry::Registry;
 use crate::registry::schemas::Schemas;
+use crate::wire::subjects;
 use extract::BodyLimit;
 use public::ClientLimit;
 use waiters::StoredWaiters;
@@ -146,6 +147,10 @@ impl Gateway {
         let admission = admission::Admission::new(settings.max_inflight_events, bus.metrics().inflight_events.clone());
         let live = live::feed::LiveFeed::new(bus.clone(), token.clone());
         let schemas = Registry::load(pool.clone(), Schemas).await?;
+        match bus.jetstream().get_stream(subjects::streams::DEADLETTER).await {
+            Ok(stream) => bus.metrics().watch_dead_letters(stream),
+            Err(error) => tracing::warn!(%error, "cannot read DEADLETTER: event_dead_letters_stored stays empty"),
+        }
         tokio::spawn(schemas.clone().watch(bus.clone(), token.clone()));
         let state = AppState {
             bus,

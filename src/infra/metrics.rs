@@ -107,6 +107,8 @@ struct Sources {
     /// EVENTS and the pool holding the persister's position, when a persister runs here.
     persister: Option<(Stream, PgPool)>,
     pool: Option<PgPool>,
+    /// DEADLETTER, when this process serves the dead-letter endpoints (a gateway).
+    dead_letters: Option<Stream>,
 }
 
 /// Every metric of one process.
@@ -131,6 +133,7 @@ pub struct Metrics {
     pub dead_letters: Family<DeadLetterLabels, Counter>,
     pub dead_letters_redriven: Family<StageLabels, Counter>,
     pub dead_letters_deleted: Family<StageLabels, Counter>,
+    pub dead_letters_stored: Family<StageLabels, Gauge>,
     pub live_tails: Gauge,
     pub schema_checks: Family<SchemaLabels, Counter>,
     pub live_events_sent: Counter,
@@ -167,6 +170,7 @@ impl Metrics {
             dead_letters: Family::default(),
             dead_letters_redriven: Family::default(),
             dead_letters_deleted: Family::default(),
+            dead_letters_stored: Family::default(),
             live_tails: Gauge::default(),
             schema_checks: Family::default(),
             live_events_sent: Counter::default(),
@@ -256,6 +260,11 @@ impl Metrics {
             "Events checked against their type's schema, by outcome (valid, flagged, refused)",
             self.schema_checks.clone(),
         );
+        r.register(
+            "dead_letters_stored",
+            "Dead letters waiting in DEADLETTER now, by the stage that refused them",
+            self.dead_letters_stored.clone(),
+        );
         r.register("live_tails", "Live tails (GET /api/v1/events/live) open now", self.live_tails.clone());
         r.register("live_events_sent", "Events sent to live tails", self.live_events_sent.clone());
         r.register(
@@ -289,6 +298,13 @@ impl Metrics {
         }
     }
 
+    /// Reports how many dead letters wait, per stage, at every scrape.
+    pub fn watch_dead_letters(&self, stream: Stream) {
+        if let Ok(mut sources) = self.sources.lock() {
+            sources.dead_letters = Some(stream);
+        }
+    }
+
     /// Reports this pool's usage at every scrape.
     pub fn watch_pool(&self, pool: PgPool) {
         if let Ok(mut sources) = self.sources.lock() {
@@ -307,10 +323,18 @@ impl Metrics {
     }
 
     async fn refresh(&self) {
-        let (consumers, persister, pool) = match self.sources.lock() {
-            Ok(sources) => (sources.consumers.clone(), sources.persister.clone(), sources.pool.clone()),
+        let (consumers, persister, pool, dead_letters) = match self.sources.lock() {
+            Ok(sources) => (
+                sources.consumers.clone(),
+                sources.persister.clone(),
+                sources.pool.clone(),
+                sources.dead_letters.clone(),
+            ),
             Err(_) => return,
         };
+        if let Some(stream) = dead_letters {
+            self.count_dead_letters(&stream).await;
+        }
         for (stream, name, mut consumer) in consumers {
             let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(1), consumer.info()).await else { continue };
             let labels = ConsumerLabels { stream, consumer: name };
@@ -328,6 +352,27 @@ impl Metrics {
             let (size, idle) = (pool.size() as i64, pool.num_idle() as i64);
             self.db_connections.get_or_create(&PoolLabels { state: "idle" }).set(idle);
             self.db_connections.get_or_create(&PoolLabels { state: "in_use" }).set((size - idle).max(0));
+        }
+    }
+}
+
+impl Metrics {
+    /// Sets the stored dead letters per stage from DEADLETTER's per-subject counts (every known
+    /// stage gets a sample, 0 when it has none).
+    async fn count_dead_letters(&self, stream: &Stream) {
+        let read = async {
+            let mut counts = std::collections::HashMap::new();
+            let mut subjects = stream.info_with_subjects(crate::wire::subjects::DEADLETTER_WILDCARD).await.ok()?;
+            while let Some(Ok((subject, count))) = futures::StreamExt::next(&mut subjects).await {
+                let stage = subject.strip_prefix("deadletter.").map_or("other", super::deadletter::stage_name);
+                *counts.entry(stage).or_insert(0_i64) += count as i64;
+            }
+            Some(counts)
+        };
+        let Ok(Some(counts)) = tokio::time::timeout(Duration::from_secs(1), read).await else { return };
+        for stage in super::deadletter::STAGES {
+            let stored = counts.get(stage).copied().unwrap_or(0);
+            self.dead_letters_stored.get_or_create(&StageLabels { stage }).set(stored);
         }
     }
 }
@@ -382,6 +427,7 @@ mod tests {
         metrics.dead_letters.get_or_create(&DeadLetterLabels { stage: "persister", reason: "invalid_json" }).inc();
         metrics.dead_letters_redriven.get_or_create(&stage).inc();
         metrics.dead_letters_deleted.get_or_create(&stage).inc();
+        metrics.dead_letters_stored.get_or_create(&stage).set(0);
         metrics.live_tails.set(0);
         metrics.schema_checks.get_or_create(&SchemaLabels { outcome: "valid" }).inc();
         metrics.live_events_sent.inc();

@@ -71,6 +71,7 @@ async fn a_poison_nats_message_is_listed_shown_and_stored_once_its_payload_is_fi
 
     // Listed, and every filter narrows.
     let all = wait_for_listed(&app, "stage=persister", 2).await;
+    assert_eq!(metric(&app, "event_dead_letters_stored{stage=\"persister\"}").await, 2.0);
     assert_eq!(listed(&app, "reason=invalid_json").await.len(), 2);
     assert_eq!(listed(&app, "reason=processor_failed").await.len(), 0);
     assert_eq!(listed(&app, "stage=sender").await.len(), 0);
@@ -135,6 +136,7 @@ async fn a_poison_nats_message_is_listed_shown_and_stored_once_its_payload_is_fi
 
     assert_eq!(metric(&app, "event_dead_letters_redriven_total{stage=\"persister\"}").await, 2.0);
     assert_eq!(metric(&app, "event_dead_letters_deleted_total{stage=\"persister\"}").await, 1.0);
+    assert_eq!(metric(&app, "event_dead_letters_stored{stage=\"persister\"}").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

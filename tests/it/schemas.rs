@@ -168,9 +168,23 @@ async fn every_ingest_path_checks_redacts_and_records_the_version() {
     assert_eq!(native["data"], json!({"order_id": "o-4"}));
     assert_eq!(native["metadata"]["schema_version"], 1);
 
-    // Stored: create, frontend o-3, native o-4; nothing refused was.
+    // The tracking API and the RudderStack webhook: the bad message alone is refused.
+    let schema = json!({"schema": {"type": "object", "required": ["plan"]}});
+    assert_eq!(put(&app, "/api/v1/events/schemas/Plan Chosen", &schema).await.0, StatusCode::OK);
+    let track = |id: &str, properties: Value| json!({"type": "track", "event": "Plan Chosen", "userId": "u1", "messageId": id, "properties": properties});
+    let batch = json!({"batch": [track("t-bad", json!({})), track("t-good", json!({"plan": "pro"}))]});
+    let (status, answer) = app.post("/v1/batch", &batch).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, answer) = app.post("/v1/track", &track("t-bad-alone", json!({"plan_name": "pro"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a lone bad message is refused as the SDKs expect: {answer}");
+    let rudder = json!([track("r-bad", json!({})), track("r-good", json!({"plan": "team"}))]);
+    let (status, answer) = app.post("/webhooks/rudderstack", &rudder).await;
+    assert_eq!((status, answer["rejected"][0]["index"].as_u64()), (StatusCode::OK, Some(0)), "{answer}");
+
+    // Stored: create, frontend o-3, native o-4, and the two good tracked ones; nothing refused was.
+    app.wait_for_events(5, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(app.count_events().await, 3);
+    assert_eq!(app.count_events().await, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
