@@ -150,6 +150,8 @@ async fn a_processor_that_failed_runs_again_when_redriven_and_the_event_is_proce
         let (status, answer) = app.post("/api/v1/events/processors", &body).await;
         assert_eq!(status, StatusCode::OK, "{answer}");
     }
+    // The processor stage loads a registration within a second (a notification): let it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let id = app.create(json!({"event_type": "invoice.sent", "user_id": "u1"})).await;
     app.wait_for_status(&id, &["failed"]).await;
     let letters = wait_for_listed(&app, "stage=processor", 1).await;
