@@ -182,8 +182,11 @@ pub async fn stats(pool: &PgPool) -> Result<HashMap<String, DeliveryStats>, sqlx
     Ok(rows.into_iter().map(|row| (row.subscription_id, row.stats)).collect())
 }
 
-/// The delivery log of a subscription, newest first, and its length.
+/// The delivery log of a subscription, newest first, and its length, read from one snapshot
+/// (so the page and the count agree while attempts are being recorded).
 pub async fn attempts(pool: &PgPool, id: &str, limit: i64, offset: i64) -> Result<(Vec<Attempt>, i64), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
     let rows = sqlx::query_as(
         "SELECT subscription_id, event_id, webhook_id, attempt, status, status_code, duration_ms, error, \
                 next_attempt_at, attempted_at \
@@ -193,12 +196,13 @@ pub async fn attempts(pool: &PgPool, id: &str, limit: i64, offset: i64) -> Resul
     .bind(id)
     .bind(limit)
     .bind(offset)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     let total = sqlx::query_scalar("SELECT count(*) FROM event.delivery_attempts WHERE subscription_id = $1")
         .bind(id)
-        .fetch_one(pool)
+        .fetch_one(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok((rows, total))
 }
 
