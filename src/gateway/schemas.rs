@@ -14,9 +14,9 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::JsonBody;
 use crate::domain::{Event, FieldError};
-use crate::infra::metrics::SchemaLabels;
+use crate::infra::metrics::Metrics;
 use crate::registry;
-use crate::registry::schemas::{self, Checked, RegisterError, SchemaVersion, Schemas};
+use crate::registry::schemas::{self, RegisterError, SchemaSet, SchemaVersion, Schemas};
 
 #[derive(Deserialize)]
 pub struct RegisterParams {
@@ -63,25 +63,24 @@ impl AppState {
     /// `reject`) with the failing paths, or accepted with the version recorded, the errors
     /// recorded (mode `flag`) and the redaction rules applied.
     pub(super) fn conform(&self, event: &mut Event) -> Result<(), Vec<FieldError>> {
-        let set = self.schemas.snapshot();
-        let Some(active) = set.get(&event.event_type) else { return Ok(()) };
-        let checked = active.check(event);
-        self.bus.metrics().schema_checks.get_or_create(&SchemaLabels { outcome: checked.outcome() }).inc();
-        match checked {
-            Checked::Valid | Checked::Flagged => Ok(()),
-            Checked::Refused(errors) => Err(errors.iter().map(|error| error.to_field_error()).collect()),
-        }
+        conform_with(&self.schemas.snapshot(), self.bus.metrics(), event)
     }
 
     /// [`Self::conform`] for every event of an all-or-nothing batch: the errors of all, each
     /// under its index.
     pub(super) fn conform_all(&self, events: &mut [Event]) -> Result<(), ApiError> {
+        let (schemas, metrics) = (self.schemas.snapshot(), self.bus.metrics());
         let mut errors = Vec::new();
         for (index, event) in events.iter_mut().enumerate() {
-            if let Err(found) = self.conform(event) {
+            if let Err(found) = conform_with(&schemas, metrics, event) {
                 errors.extend(found.into_iter().map(|error| error.nested(&format!("[{index}]"))));
             }
         }
         if errors.is_empty() { Ok(()) } else { Err(ApiError::SchemaViolation(errors)) }
     }
+}
+
+/// [`SchemaSet::check`] with the refusal as the answer's field errors.
+fn conform_with(schemas: &SchemaSet, metrics: &Metrics, event: &mut Event) -> Result<(), Vec<FieldError>> {
+    schemas.check(event, metrics).map_err(|errors| errors.iter().map(|error| error.to_field_error()).collect())
 }

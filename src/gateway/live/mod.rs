@@ -172,10 +172,7 @@ impl Tail {
         };
         match last {
             Ok(last) => self.follow(receiver, last, resume.is_some()).await,
-            Err(error) => {
-                tracing::warn!(%error, "a live tail could not catch up");
-                let _ = self.sender.send(notice("unavailable", "cannot read EVENTS now; reconnect")).await;
-            }
+            Err(error) => self.unavailable(error).await,
         }
         self.metrics.live_tails.dec();
     }
@@ -222,28 +219,20 @@ impl Tail {
                 _ = self.sender.closed() => break,
             };
             match received {
-                // The feed repeats what the catch-up read: skip it.
-                Ok(event) if event.seq <= last => {}
-                Ok(event) if check_gap && event.seq > last + 1 => {
-                    check_gap = false;
-                    match self.catch_up(last).await {
-                        Ok(covered) => last = covered.max(last),
-                        Err(error) => {
-                            tracing::warn!(%error, "a live tail could not fill its gap");
-                            let _ = self.sender.send(notice("unavailable", "cannot read EVENTS now; reconnect")).await;
-                            break;
-                        }
-                    }
-                    if event.seq > last {
-                        last = event.seq;
-                        if self.filter.matches(&event.event) && !self.send(event.shared_frame.clone()).await {
-                            break;
-                        }
-                    }
-                    quiet_since = Instant::now();
-                }
                 Ok(event) => {
-                    check_gap = false;
+                    // The feed repeats what the catch-up read: skip it.
+                    if event.seq <= last {
+                        continue;
+                    }
+                    if std::mem::take(&mut check_gap) && event.seq > last + 1 {
+                        match self.catch_up(last).await {
+                            Ok(covered) => last = last.max(covered),
+                            Err(error) => return self.unavailable(error).await,
+                        }
+                        if event.seq <= last {
+                            continue;
+                        }
+                    }
                     last = event.seq;
                     if self.filter.matches(&event.event) {
                         if !self.send(event.shared_frame.clone()).await {
@@ -261,6 +250,12 @@ impl Tail {
                 Err(broadcast::error::RecvError::Closed) => break,
             }
         }
+    }
+
+    /// Tells the client that EVENTS cannot be read now (it reconnects and resumes).
+    async fn unavailable(&self, error: feed::FeedError) {
+        tracing::warn!(%error, "a live tail cannot read EVENTS");
+        let _ = self.sender.send(notice("unavailable", "cannot read EVENTS now; reconnect")).await;
     }
 
     /// Sends an event's frame and counts it; false once the client is gone.

@@ -50,9 +50,13 @@ impl DeadLetter {
             .or_else(|| message.subject.strip_prefix("deadletter.").map(str::to_owned))
             .unwrap_or_default();
         let original_subject = header(headers::ORIGINAL_SUBJECT).unwrap_or_default();
+        let payload: Option<serde_json::Value> = serde_json::from_slice(&message.payload).ok();
+        let field = |name: &str| payload.as_ref()?.get(name)?.as_str().map(str::to_owned);
         let event_id = header(headers::EVENT_ID)
             .and_then(|id| Uuid::parse_str(&id).ok())
-            .or_else(|| payload_field(&message.payload, "event_id").and_then(|id| Uuid::parse_str(&id).ok()));
+            .or_else(|| field("event_id").and_then(|id| Uuid::parse_str(&id).ok()));
+        let event_type = field("event_type")
+            .or_else(|| subjects::parse_event_subject(&original_subject).map(|(_, _, event_type)| event_type));
         Self {
             seq: message.sequence,
             reason_code: header(headers::REASON_CODE).unwrap_or_default(),
@@ -60,7 +64,7 @@ impl DeadLetter {
             dead_lettered_at: message.time,
             original_sequence: header(headers::ORIGINAL_SEQUENCE).and_then(|seq| seq.parse().ok()),
             event_id,
-            event_type: event_type_of(&original_subject, &message.payload),
+            event_type,
             subscription_id: header(headers::SUBSCRIPTION),
             stage,
             original_subject,
@@ -68,19 +72,6 @@ impl DeadLetter {
             payload: message.payload,
         }
     }
-}
-
-/// A string field of a JSON object payload.
-fn payload_field(payload: &[u8], name: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    value.get(name)?.as_str().map(str::to_owned)
-}
-
-/// The event type a dead letter is about: the payload's `event_type`, else the type in an
-/// `events.>` subject.
-pub fn event_type_of(original_subject: &str, payload: &[u8]) -> Option<String> {
-    payload_field(payload, "event_type")
-        .or_else(|| subjects::parse_event_subject(original_subject).map(|(_, _, event_type)| event_type))
 }
 
 /// Which dead letters an operator means. Every field narrows; none means all.
@@ -239,6 +230,20 @@ mod tests {
         assert!(since.matches(&poison) && !until.matches(&poison), "since is inclusive, until exclusive");
         assert_eq!(stage("sender").subject(), "deadletter.sender");
         assert_eq!(Filter::default().subject(), "deadletter.>");
+    }
+
+    /// The event type `from_message` reads from a dead letter of this original.
+    fn event_type_of(original_subject: &str, payload: &[u8]) -> Option<String> {
+        let mut headers = HeaderMap::new();
+        headers.insert(headers::ORIGINAL_SUBJECT, original_subject);
+        let message = StreamMessage {
+            subject: "deadletter.persister".into(),
+            sequence: 1,
+            headers,
+            payload: Bytes::copy_from_slice(payload),
+            time: chrono::Utc::now(),
+        };
+        DeadLetter::from_message(message).event_type
     }
 
     #[test]

@@ -22,9 +22,10 @@ use super::Source;
 use crate::domain::fields::object_body;
 use crate::domain::kinds::string_enum;
 use crate::domain::parse::MAX_EVENT_TYPE_CHARS;
-use crate::domain::{FieldError, Fields};
+use crate::domain::{Event, FieldError, Fields};
+use crate::infra::metrics::{Metrics, SchemaLabels};
 use crate::wire::subjects;
-pub use check::{Active, Checked};
+pub use check::{Active, Checked, SchemaError};
 
 string_enum!(
     /// What happens to an event its schema refuses.
@@ -208,13 +209,16 @@ pub struct SchemaSet {
 }
 
 impl SchemaSet {
-    /// The schema of `event_type`, if it has one.
-    pub fn get(&self, event_type: &str) -> Option<&Arc<Active>> {
-        self.by_type.get(event_type)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_type.is_empty()
+    /// Checks an event against its type's schema, if it has one, and counts the outcome.
+    /// `Err`: refused (mode `reject`); `Ok`: no schema, valid, or flagged (see [`Active::check`]).
+    pub fn check(&self, event: &mut Event, metrics: &Metrics) -> Result<(), Vec<SchemaError>> {
+        let Some(active) = self.by_type.get(&event.event_type) else { return Ok(()) };
+        let checked = active.check(event);
+        metrics.schema_checks.get_or_create(&SchemaLabels { outcome: checked.outcome() }).inc();
+        match checked {
+            Checked::Valid | Checked::Flagged => Ok(()),
+            Checked::Refused(errors) => Err(errors),
+        }
     }
 }
 

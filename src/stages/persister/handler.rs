@@ -16,10 +16,9 @@ use crate::infra::bus::{Bus, BusError};
 use crate::infra::consume::{Batch, BatchHandler, Handled, Outcome, Transient};
 use crate::infra::db;
 use crate::infra::deadletter;
-use crate::infra::metrics::SchemaLabels;
 use crate::registry::Registry;
 use crate::registry::processors::ProcessorRegistry;
-use crate::registry::schemas::{Checked, SchemaSet, Schemas};
+use crate::registry::schemas::{SchemaSet, Schemas};
 use crate::store::NewEvent;
 use crate::store::position::{self, Advance};
 use crate::store::write::{self, InsertOutcome};
@@ -199,12 +198,9 @@ impl Handler {
         if envelope.ingested() {
             return Ok(incoming);
         }
-        let Some(active) = schemas.get(&incoming.event.event_type) else { return Ok(incoming) };
-        let checked = active.check(&mut incoming.event);
-        self.bus.metrics().schema_checks.get_or_create(&SchemaLabels { outcome: checked.outcome() }).inc();
-        match checked {
-            Checked::Valid | Checked::Flagged => Ok(incoming),
-            Checked::Refused(errors) => {
+        match schemas.check(&mut incoming.event, self.bus.metrics()) {
+            Ok(()) => Ok(incoming),
+            Err(errors) => {
                 let detail: Vec<String> = errors.iter().map(|error| error.summary()).collect();
                 Err(Rejection::new("schema_violation", detail.join("; ")).about(incoming.event.event_id))
             }
