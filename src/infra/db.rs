@@ -72,6 +72,7 @@ pub fn kind(error: &sqlx::Error) -> ErrorKind {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => ErrorKind::Transient,
         sqlx::Error::Database(db) if db.is_unique_violation() => ErrorKind::UniqueViolation,
+        error if is_missing_partition(error) => ErrorKind::Transient,
         sqlx::Error::Database(db) => match db.code() {
             Some(code) if is_transient_state(&code) => ErrorKind::Transient,
             _ => ErrorKind::Permanent,
@@ -83,6 +84,13 @@ pub fn kind(error: &sqlx::Error) -> ErrorKind {
 /// [`kind`] is [`ErrorKind::Transient`].
 pub fn is_transient(error: &sqlx::Error) -> bool {
     kind(error) == ErrorKind::Transient
+}
+
+/// A row of `event.events` whose day has no partition yet: once the partition is created
+/// (`store::retention::maintain`), the same write succeeds.
+pub fn is_missing_partition(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.code().as_deref() == Some("23514") && db.constraint().is_none() && db.table() == Some("events"))
 }
 
 fn is_transient_state(code: &str) -> bool {

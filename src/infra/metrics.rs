@@ -138,6 +138,8 @@ pub struct Metrics {
     pub schema_checks: Family<SchemaLabels, Counter>,
     pub live_events_sent: Counter,
     pub live_tails_lagged: Counter,
+    pub retention_partitions_dropped: Counter,
+    pub retention_events_dropped: Counter,
     pub db_connections: Family<PoolLabels, Gauge>,
 }
 
@@ -175,6 +177,8 @@ impl Metrics {
             schema_checks: Family::default(),
             live_events_sent: Counter::default(),
             live_tails_lagged: Counter::default(),
+            retention_partitions_dropped: Counter::default(),
+            retention_events_dropped: Counter::default(),
             db_connections: Family::default(),
         };
         metrics.register();
@@ -271,6 +275,16 @@ impl Metrics {
             "live_tails_lagged",
             "Live tails ended because they fell too far behind",
             self.live_tails_lagged.clone(),
+        );
+        r.register(
+            "retention_partitions_dropped",
+            "Day partitions of stored events dropped past EVENT_RETENTION_DAYS",
+            self.retention_partitions_dropped.clone(),
+        );
+        r.register(
+            "retention_events_dropped",
+            "Stored events that left with a dropped partition",
+            self.retention_events_dropped.clone(),
         );
         r.register(
             "db_pool_connections",
@@ -432,6 +446,8 @@ mod tests {
         metrics.schema_checks.get_or_create(&SchemaLabels { outcome: "valid" }).inc();
         metrics.live_events_sent.inc();
         metrics.live_tails_lagged.inc();
+        metrics.retention_partitions_dropped.inc();
+        metrics.retention_events_dropped.inc();
         metrics.db_connections.get_or_create(&PoolLabels { state: "idle" }).set(1);
         metrics.scrape().await
     }

@@ -158,6 +158,10 @@ pub struct PersisterArgs {
     /// Most events written in one PostgreSQL statement.
     #[arg(long = "persister-batch", env = "EVENT_PERSISTER_BATCH", default_value_t = 1000)]
     pub batch_size: usize,
+    /// Days stored events are kept (by `stored_at`, in whole UTC days: an event leaves between
+    /// this many days and one more); unset keeps them forever. Separate from the age of EVENTS.
+    #[arg(long = "retention-days", env = "EVENT_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub retention_days: Option<u32>,
 }
 
 /// Outgoing callbacks (webhook processors, subscriptions): which addresses they may reach.

@@ -9,6 +9,7 @@
 //! - [`deliveries`]: the subscriptions' delivery log.
 //! - [`projections`]: projections, snapshots and the stream reads folds need.
 //! - [`replay_jobs`]: replay jobs and their pages.
+//! - [`retention`]: the day partitions of `event.events`, kept ready and dropped when expired.
 
 pub mod deliveries;
 pub mod events;
@@ -17,6 +18,7 @@ pub mod processing;
 pub mod projections;
 pub mod query;
 pub mod replay_jobs;
+pub mod retention;
 pub mod rollups;
 pub mod statistics;
 pub mod write;

@@ -227,6 +227,46 @@ pub async fn add_status_counts(
     Ok(())
 }
 
+/// Takes a dropped partition's events out of every rollup, read from the temporary table
+/// `retired` (its counts by day, source, category, type, user and status; see
+/// [`super::retention`]); a counter row left at zero goes. The caller holds [`lock_rollups`].
+pub(super) const SUBTRACT_RETIRED: [&str; 8] = [
+    "UPDATE event.rollup_daily r SET events = r.events - g.events
+     FROM (SELECT day, event_source, event_category, event_type, sum(events) AS events FROM retired GROUP BY 1, 2, 3, 4) g
+     WHERE (r.day, r.event_source, r.event_category, r.event_type) = (g.day, g.event_source, g.event_category, g.event_type)",
+    "DELETE FROM event.rollup_daily r USING (SELECT DISTINCT day, event_source, event_category, event_type FROM retired) g
+     WHERE (r.day, r.event_source, r.event_category, r.event_type) = (g.day, g.event_source, g.event_category, g.event_type)
+         AND r.events <= 0",
+    "UPDATE event.rollup_user_daily r SET events = r.events - g.events
+     FROM (SELECT user_id, day, event_source, event_category, event_type, sum(events) AS events FROM retired
+           WHERE user_id IS NOT NULL GROUP BY 1, 2, 3, 4, 5) g
+     WHERE (r.user_id, r.day, r.event_source, r.event_category, r.event_type)
+         = (g.user_id, g.day, g.event_source, g.event_category, g.event_type)",
+    "DELETE FROM event.rollup_user_daily r
+     USING (SELECT DISTINCT user_id, day, event_source, event_category, event_type FROM retired WHERE user_id IS NOT NULL) g
+     WHERE (r.user_id, r.day, r.event_source, r.event_category, r.event_type)
+         = (g.user_id, g.day, g.event_source, g.event_category, g.event_type) AND r.events <= 0",
+    "UPDATE event.rollup_status r SET events = r.events - g.events
+     FROM (SELECT status, sum(events) AS events FROM retired GROUP BY 1) g WHERE r.status = g.status",
+    "UPDATE event.rollup_processing r SET processed = r.processed - g.timed, total_ms = greatest(r.total_ms - g.total_ms, 0)
+     FROM (SELECT sum(timed) AS timed, sum(total_ms) AS total_ms FROM retired) g WHERE r.user_id = '' AND g.timed > 0",
+    "UPDATE event.rollup_users r SET events = r.events - g.events,
+         pending = r.pending - g.pending, processing = r.processing - g.processing, processed = r.processed - g.processed,
+         failed = r.failed - g.failed, archived = r.archived - g.archived,
+         timed = r.timed - g.timed, total_ms = greatest(r.total_ms - g.total_ms, 0)
+     FROM (SELECT user_id, sum(events) AS events,
+               COALESCE(sum(events) FILTER (WHERE status = 'pending'), 0) AS pending,
+               COALESCE(sum(events) FILTER (WHERE status = 'processing'), 0) AS processing,
+               COALESCE(sum(events) FILTER (WHERE status = 'processed'), 0) AS processed,
+               COALESCE(sum(events) FILTER (WHERE status = 'failed'), 0) AS failed,
+               COALESCE(sum(events) FILTER (WHERE status = 'archived'), 0) AS archived,
+               sum(timed) AS timed, sum(total_ms) AS total_ms
+           FROM retired WHERE user_id IS NOT NULL GROUP BY 1) g
+     WHERE r.user_id = g.user_id",
+    "DELETE FROM event.rollup_users r USING (SELECT DISTINCT user_id FROM retired WHERE user_id IS NOT NULL) g
+     WHERE r.user_id = g.user_id AND r.events <= 0",
+];
+
 type DayColumns<'a> = (Vec<NaiveDate>, Vec<&'a str>, Vec<&'a str>, Vec<&'a str>, Vec<i64>);
 
 fn unzip_days<'a>(rows: impl Iterator<Item = (DayKey<'a>, i64)>) -> DayColumns<'a> {

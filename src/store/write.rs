@@ -1,9 +1,9 @@
 //! The batch write of the persister: new events, their entity-stream versions, the rollups and
 //! the stream position, in one transaction.
 //!
-//! Reads and writes `event.events`, `event.event_streams`, the `event.rollup_*` tables and
-//! `event.persister_position`. Guarantees: idempotent by event id (a redelivered event changes
-//! nothing); gapless stream versions in batch order; every rollup and the position move in the
+//! Reads and writes `event.event_ids`, `event.events`, `event.event_streams`, the
+//! `event.rollup_*` tables and `event.persister_position`. Guarantees: idempotent by event id,
+//! for as long as the event is retained (a redelivered event changes nothing); gapless stream versions in batch order; every rollup and the position move in the
 //! same transaction as the rows they count.
 
 use std::collections::{BTreeMap, HashSet};
@@ -21,16 +21,41 @@ use crate::domain::StreamId;
 pub enum InsertOutcome {
     /// Committed; these events were written now (the others were already stored).
     Stored(HashSet<Uuid>),
-    /// Another writer moved the position or wrote the same events meanwhile; nothing was
-    /// written. Read the position again and retry.
+    /// Another writer moved the position meanwhile; nothing was written. Read the position
+    /// again and retry.
     Conflict,
 }
 
-/// The stored ids among `$1`. A join on `unnest` rather than `= ANY($1)`: with a generic plan
-/// (a prepared statement's sixth run) `ANY` can turn into a scan of the table while it is
-/// small and stay a slow plan; the join always probes the primary key once per id.
+/// The stored ids among `$1`, from `event.event_ids` (one primary key for every partition of
+/// `event.events`). A join on `unnest` rather than `= ANY($1)`: with a generic plan (a
+/// prepared statement's sixth run) `ANY` can turn into a scan of the table while it is small
+/// and stay a slow plan; the join always probes the primary key once per id.
 pub(super) const STORED_AMONG: &str =
-    "SELECT e.event_id FROM unnest($1::uuid[]) AS i(event_id) JOIN event.events e USING (event_id)";
+    "SELECT e.event_id FROM unnest($1::uuid[]) AS i(event_id) JOIN event.event_ids e USING (event_id)";
+
+/// Claims the batch's ids in `event.event_ids` and returns the events whose id was free, in
+/// batch order (the first of two with one id). An id claimed by a writer that has not
+/// committed yet waits for it: stored then, or free again if it rolled back.
+async fn claim_ids<'a>(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &[NewEvent<'a>],
+) -> Result<Vec<NewEvent<'a>>, sqlx::Error> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = batch.iter().map(|new| new.incoming.event.event_id).collect();
+    // In id order, so concurrent writers meet on the index in one order.
+    let mut claimed: HashSet<Uuid> = sqlx::query_scalar::<_, Uuid>(
+        "INSERT INTO event.event_ids (event_id) SELECT DISTINCT i FROM unnest($1::uuid[]) AS i ORDER BY i \
+         ON CONFLICT DO NOTHING RETURNING event_id",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+    Ok(batch.iter().copied().filter(|new| claimed.remove(&new.incoming.event.event_id)).collect())
+}
 
 /// Stores a batch in one transaction, moving the stream position from `advance.from` to
 /// `advance.to` when given. Events already stored are skipped. Versions of each entity stream
@@ -57,28 +82,13 @@ pub async fn insert_batch(
             return Ok(InsertOutcome::Conflict);
         }
     }
-    let ids: Vec<Uuid> = batch.iter().map(|new| new.incoming.event.event_id).collect();
-    let existing: HashSet<Uuid> =
-        sqlx::query_scalar::<_, Uuid>(STORED_AMONG).bind(&ids).fetch_all(&mut *tx).await?.into_iter().collect();
-    let mut seen = HashSet::new();
-    let fresh: Vec<NewEvent> = batch
-        .iter()
-        .copied()
-        .filter(|new| {
-            let id = new.incoming.event.event_id;
-            !existing.contains(&id) && seen.insert(id)
-        })
-        .collect();
+    let fresh = claim_ids(&mut tx, batch).await?;
     if !fresh.is_empty() {
         let versions = assign_stream_versions(&mut tx, &fresh).await?;
-        let rows = insert_events(&mut tx, &fresh, &versions).await?;
-        if rows != fresh.len() as u64 {
-            // Someone else wrote one of these events between our check and our insert.
-            tx.rollback().await?;
-            return Ok(InsertOutcome::Conflict);
-        }
+        insert_events(&mut tx, &fresh, &versions).await?;
         rollups::add_events(&mut tx, &fresh).await?;
     }
+    let seen = fresh.iter().map(|new| new.incoming.event.event_id).collect();
     tx.commit().await?;
     Ok(InsertOutcome::Stored(seen))
 }
@@ -160,7 +170,7 @@ async fn insert_events(
     tx: &mut Transaction<'_, Postgres>,
     fresh: &[NewEvent<'_>],
     versions: &[Option<i64>],
-) -> Result<u64, sqlx::Error> {
+) -> Result<(), sqlx::Error> {
     let n = fresh.len();
     let mut ids = Vec::with_capacity(n);
     let mut types = Vec::with_capacity(n);
@@ -203,7 +213,7 @@ async fn insert_events(
         created.push(event.created_at);
         statuses.push(new.status.as_str());
     }
-    let result = sqlx::query(
+    sqlx::query(
         "INSERT INTO event.events (event_id, event_type, event_source, event_category, user_id, session_id,
              organization_id, device_id, correlation_id, data, metadata, context, properties, stream_id,
              stream_version, stream_seq, subject, \"timestamp\", created_at, status, processed_at)
@@ -213,8 +223,7 @@ async fn insert_events(
              $14::text[], $15::bigint[], $16::bigint[], $17::text[], $18::timestamptz[], $19::timestamptz[],
              $20::text[]) AS t(event_id, event_type, event_source, event_category, user_id, session_id,
              organization_id, device_id, correlation_id, data, metadata, context, properties, stream_id,
-             stream_version, stream_seq, subject, \"timestamp\", created_at, status)
-         ON CONFLICT (event_id) DO NOTHING",
+             stream_version, stream_seq, subject, \"timestamp\", created_at, status)",
     )
     .bind(&ids)
     .bind(&types)
@@ -238,7 +247,7 @@ async fn insert_events(
     .bind(&statuses)
     .execute(&mut **tx)
     .await?;
-    Ok(result.rows_affected())
+    Ok(())
 }
 
 #[cfg(test)]

@@ -135,6 +135,8 @@ pub struct TestApp {
     dispatchers: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     projectors: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     pub nats_server: LocalNats,
+    /// `EVENT_RETENTION_DAYS` of the next persister started.
+    pub retention_days: Option<u32>,
     _dir: tempfile::TempDir,
 }
 
@@ -209,6 +211,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         dispatchers: Vec::new(),
         projectors: Vec::new(),
         nats_server,
+        retention_days: None,
         _dir: dir,
     };
     if options.start_persister {
@@ -244,10 +247,13 @@ impl TestApp {
     pub async fn start_persister(&mut self) {
         assert!(self.persister.is_none(), "persister already running");
         let token = self.token.child_token();
-        let persister =
-            Persister::build(self.bus.clone(), self.service_pool.clone(), &PersisterArgs { batch_size: 500 })
-                .await
-                .expect("persister");
+        let persister = Persister::build(
+            self.bus.clone(),
+            self.service_pool.clone(),
+            &PersisterArgs { batch_size: 500, retention_days: self.retention_days },
+        )
+        .await
+        .expect("persister");
         let run = persister.run(token.clone());
         let handle = tokio::spawn(async move { Ok(run.await?) });
         self.persister = Some((token, handle));

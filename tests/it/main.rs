@@ -19,6 +19,7 @@ mod processing;
 mod projections;
 mod replay;
 mod resilience;
+mod retention;
 mod schemas;
 mod subscriptions;
 mod tracking;

@@ -33,6 +33,7 @@ pub(super) struct Handler {
     pub events: Stream,
     pub processors: std::sync::Arc<ProcessorRegistry>,
     pub schemas: std::sync::Arc<Registry<Schemas>>,
+    pub retention_days: Option<u32>,
 }
 
 /// An event stored (now or before) to announce and report.
@@ -235,6 +236,10 @@ impl Handler {
         match write::insert_batch(&self.pool, &rows, Some(advance)).await {
             Ok(InsertOutcome::Stored(new_ids)) => Ok(Some(new_ids)),
             Ok(InsertOutcome::Conflict) => Ok(None),
+            Err(error) if db::is_missing_partition(&error) => {
+                super::retention::maintain(&self.pool, &self.bus, self.retention_days).await;
+                Err(Transient::new("the day had no partition yet", error))
+            }
             Err(error) if db::is_transient(&error) => Err(Transient::new("cannot store the batch", error)),
             Err(error) => self.store_one_by_one(to_store, advance, outcomes, error).await,
         }

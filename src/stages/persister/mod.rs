@@ -23,11 +23,14 @@
 //!   a crash and will only come back after the ack wait) is filled by reading the stream
 //!   directly instead of waiting ([`plan`]).
 //! - While PostgreSQL is unreachable the consume loop holds the batch and hands it in again
-//!   (nothing new is pulled meanwhile, so nothing is lost and nothing is reordered).
+//!   (nothing new is pulled meanwhile, so nothing is lost and nothing is reordered). So it
+//!   does when the day has no partition yet, after creating it ([`retention`], which also
+//!   drops the partitions past `EVENT_RETENTION_DAYS`).
 
 mod envelope;
 mod handler;
 pub mod plan;
+mod retention;
 
 use std::sync::Arc;
 
@@ -54,6 +57,7 @@ const MAX_GAP_FILL: usize = 10_000;
 pub struct Persister {
     consume: ConsumeLoop,
     handler: Handler,
+    retention_days: Option<u32>,
 }
 
 impl Persister {
@@ -83,7 +87,8 @@ impl Persister {
         let processors = Registry::load(pool.clone(), Processors { guard: Guard::default() }).await?;
         let schemas = Registry::load(pool.clone(), Schemas).await?;
         bus.metrics().watch_persister(events.clone(), pool.clone());
-        Ok(Self { consume, handler: Handler { pool, bus, events, processors, schemas } })
+        let handler = Handler { pool, bus, events, processors, schemas, retention_days: settings.retention_days };
+        Ok(Self { consume, handler, retention_days: settings.retention_days })
     }
 
     pub async fn run(self, token: CancellationToken) -> Result<(), StageError> {
@@ -91,9 +96,16 @@ impl Persister {
         let processors: Arc<_> = self.handler.processors.clone();
         let watch = tokio::spawn(processors.watch(self.handler.bus.clone(), token.clone()));
         let schemas = tokio::spawn(self.handler.schemas.clone().watch(self.handler.bus.clone(), token.clone()));
+        let upkeep = tokio::spawn(retention::run(
+            self.handler.pool.clone(),
+            self.handler.bus.clone(),
+            self.retention_days,
+            token.clone(),
+        ));
         let result = self.consume.run(&self.handler, token).await;
         watch.abort();
         schemas.abort();
+        upkeep.abort();
         Ok(result?)
     }
 }
