@@ -68,5 +68,10 @@ BEGIN
     END LOOP;
 END $$;
 
+-- An entity stream's oldest retained version: the events before it have left with a dropped
+-- partition. Stream versions go on numbering; projection rebuilds and time travel before it
+-- answer history_expired.
+ALTER TABLE event.event_streams ADD COLUMN first_version bigint NOT NULL DEFAULT 1;
+
 -- The logs of what happened to events leave with the same retention, by time.
 CREATE INDEX delivery_attempts_attempted_at_idx ON event.delivery_attempts (attempted_at);

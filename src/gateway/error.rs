@@ -45,6 +45,9 @@ pub enum ApiError {
     EventTooLarge(String),
     #[error("conflict: {detail}")]
     Conflict { code: &'static str, detail: String },
+    /// What was asked for existed once and has left the store (retention).
+    #[error("gone: {detail}")]
+    Gone { code: &'static str, detail: String },
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("bad request: {0}")]
@@ -157,6 +160,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::EventTooLarge(detail) => (StatusCode::PAYLOAD_TOO_LARGE, "event_too_large", detail.clone(), None),
             ApiError::Conflict { code, detail } => (StatusCode::CONFLICT, *code, detail.clone(), None),
+            ApiError::Gone { code, detail } => (StatusCode::GONE, *code, detail.clone(), None),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

@@ -18,7 +18,7 @@ use crate::domain::StreamId;
 use crate::domain::parse::parse_timestamp;
 use crate::registry;
 use crate::registry::definitions::{self, DEFAULT_NAME, Definition, Definitions};
-use crate::stages::projector::read::{self, AsOf, Read};
+use crate::stages::projector::read::{self, AsOf, Read, ReadError};
 use crate::store::events::{self, StoredEvent};
 use crate::store::projections;
 
@@ -36,6 +36,7 @@ pub struct StreamView {
     entity_id: String,
     events: Vec<StoredEvent>,
     version: i64,
+    first_version: i64,
     created_at: Option<DateTime<Utc>>,
     updated_at: Option<DateTime<Utc>>,
 }
@@ -61,9 +62,11 @@ pub async fn stream(
     }
     let head = events::stream_head(&state.pool, &stream).await?;
     let events = events::stream_events(&state.pool, &stream, from_version, limit).await?;
-    let (stream_type, version, created_at, updated_at) = match head {
-        Some(head) => (head.stream_type, head.version, Some(head.created_at), Some(head.updated_at)),
-        None => (entity_type.to_owned(), 0, None, None),
+    let (stream_type, version, first_version, created_at, updated_at) = match head {
+        Some(head) => {
+            (head.stream_type, head.version, head.first_version, Some(head.created_at), Some(head.updated_at))
+        }
+        None => (entity_type.to_owned(), 0, 1, None, None),
     };
     Ok(Json(StreamView {
         stream_id: stream_id.clone(),
@@ -72,6 +75,7 @@ pub async fn stream(
         entity_id: entity_id.to_owned(),
         events,
         version,
+        first_version,
         created_at,
         updated_at,
     }))
@@ -116,6 +120,36 @@ pub async fn projection(
         .ok_or(ApiError::NotFound("Projection"))
 }
 
+impl From<ReadError> for ApiError {
+    fn from(error: ReadError) -> Self {
+        match error {
+            ReadError::Db(error) => error.into(),
+            ReadError::HistoryExpired { first_version } => ApiError::Gone {
+                code: "history_expired",
+                detail: format!(
+                    "The events before version {first_version} of this stream have left the store \
+                     (EVENT_RETENTION_DAYS) and no snapshot covers them"
+                ),
+            },
+        }
+    }
+}
+
+/// Refuses a rebuild that would fold a stream whose early events have left the store: it
+/// would silently give a different state than the one kept.
+fn refuse_expired(found: Option<(String, i64)>) -> Result<(), ApiError> {
+    match found {
+        Some((stream_id, first_version)) => Err(ApiError::Conflict {
+            code: "history_expired",
+            detail: format!(
+                "The events of {stream_id} before version {first_version} have left the store \
+                 (EVENT_RETENTION_DAYS); a rebuild would fold only the rest. The kept projections stay as they are"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 #[derive(Deserialize)]
 pub struct RebuildParams {
     name: Option<String>,
@@ -133,8 +167,10 @@ pub async fn rebuild(
     };
     let definitions: Vec<Definition> = definitions.into_iter().filter(|d| d.covers(&entity_type)).collect();
     let names: Vec<&str> = definitions.iter().map(|d| d.name.as_str()).collect();
-    projections::delete_entity(&state.pool, &entity_type, &entity_id, &names).await?;
     let stream_id = StreamId::of(&entity_type, &entity_id);
+    let first_version = projections::first_version(&state.pool, &stream_id).await?;
+    refuse_expired((first_version > 1).then(|| (stream_id.to_string(), first_version)))?;
+    projections::delete_entity(&state.pool, &entity_type, &entity_id, &names).await?;
     read::fold_stream(&state.pool, &stream_id, &definitions, state.snapshot_every).await?;
     let mut rebuilt = Vec::new();
     for definition in &definitions {
@@ -167,6 +203,8 @@ pub async fn rebuild_definition(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let definition = find_definition(&state, Some(&name)).await?;
+    refuse_expired(projections::stream_with_expired_history(&state.pool, &definition.entity_type).await?)?;
     if !projections::reset_definition(&state.pool, &name).await? {
         return Err(ApiError::NotFound("Projection definition"));
     }

@@ -127,15 +127,20 @@ pub async fn stored_positions(pool: &PgPool, ids: &[Uuid]) -> Result<HashMap<Uui
 pub struct StreamHead {
     pub stream_type: String,
     pub version: i64,
+    /// The oldest version still stored: the ones before it have left (retention).
+    pub first_version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
 pub async fn stream_head(pool: &PgPool, stream_id: &StreamId) -> Result<Option<StreamHead>, sqlx::Error> {
-    sqlx::query_as("SELECT stream_type, version, created_at, updated_at FROM event.event_streams WHERE stream_id = $1")
-        .bind(stream_id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as(
+        "SELECT stream_type, version, first_version, created_at, updated_at FROM event.event_streams \
+         WHERE stream_id = $1",
+    )
+    .bind(stream_id)
+    .fetch_optional(pool)
+    .await
 }
 
 /// A stream's events from `from_version` on, in version order, at most `limit`.

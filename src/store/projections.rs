@@ -138,6 +138,30 @@ pub async fn stream_page(
     .await
 }
 
+/// A stream's oldest retained version (1 when it has lost nothing, or is unknown).
+pub async fn first_version(executor: impl sqlx::PgExecutor<'_>, stream_id: &StreamId) -> Result<i64, sqlx::Error> {
+    let first: Option<i64> = sqlx::query_scalar("SELECT first_version FROM event.event_streams WHERE stream_id = $1")
+        .bind(stream_id)
+        .fetch_optional(executor)
+        .await?;
+    Ok(first.unwrap_or(1))
+}
+
+/// A stream of the entity type (`*`: any) whose early events have left the store, with its
+/// oldest retained version.
+pub async fn stream_with_expired_history(
+    pool: &PgPool,
+    entity_type: &str,
+) -> Result<Option<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT stream_id, first_version FROM event.event_streams \
+         WHERE first_version > 1 AND ($1 = '*' OR entity_type = $1) LIMIT 1",
+    )
+    .bind(entity_type)
+    .fetch_optional(pool)
+    .await
+}
+
 /// The newest snapshot at or before a version, or whose events are all at or before a time.
 pub async fn snapshot_before(
     pool: &PgPool,

@@ -3,7 +3,7 @@
 //! set, drops the partitions whose every event is older than it.
 //!
 //! Reads the catalog and the expiring partitions; creates and drops partitions; writes
-//! `event.event_ids`, the `event.rollup_*` tables, `event.processing_results` and
+//! `event.event_ids`, `event.event_streams.first_version`, the `event.rollup_*` tables, `event.processing_results` and
 //! `event.delivery_attempts`. Guarantees:
 //! - Events leave only by dropping a whole partition, never by deleting rows.
 //! - A dropped partition takes its ids out of `event.event_ids` and its counts out of every
@@ -11,7 +11,8 @@
 //! - One maintainer at a time (an advisory lock); a partition detached but not yet dropped (a
 //!   crash in between) is finished by the next run.
 //! - Entity streams keep their versions (a stream goes on numbering after its early events
-//!   leave); projections keep their folded state.
+//!   leave) and record the oldest one retained (`first_version`); projections keep their
+//!   folded state.
 
 use chrono::{DateTime, Days, NaiveDate, NaiveTime, Utc};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool};
@@ -195,6 +196,17 @@ async fn retire(conn: &mut PgConnection, name: &str) -> Result<i64, sqlx::Error>
     .await?;
     sqlx::query(AssertSqlSafe(format!(
         "DELETE FROM event.event_ids i USING event.\"{name}\" p WHERE i.event_id = p.event_id"
+    )))
+    .execute(&mut *tx)
+    .await?;
+    // Streams first and in id order, as the persister locks them, and before the rollups.
+    sqlx::query(AssertSqlSafe(format!(
+        "WITH gone AS (SELECT stream_id, max(stream_version) AS last FROM event.\"{name}\" \
+                       WHERE stream_id IS NOT NULL GROUP BY 1), \
+              locked AS (SELECT s.stream_id, g.last FROM event.event_streams s JOIN gone g USING (stream_id) \
+                         ORDER BY s.stream_id FOR UPDATE OF s) \
+         UPDATE event.event_streams s SET first_version = greatest(s.first_version, l.last + 1) \
+         FROM locked l WHERE s.stream_id = l.stream_id"
     )))
     .execute(&mut *tx)
     .await?;

@@ -87,27 +87,11 @@ async fn expired_days_leave_as_whole_partitions_with_their_counts_and_ids() {
     for i in 0..6 {
         ids.push(app.create(event(i, (2..5).contains(&i).then_some("account:7"))).await);
     }
-    // The first four were stored 40 days ago: the day's partition exists (as it would have
-    // then) and they move into it.
-    let day = Utc::now().date_naive() - Days::new(40);
-    let name = format!("events_p{}", day.format("%Y%m%d"));
-    let from = day.and_time(NaiveTime::MIN).and_utc();
-    let to = from + chrono::Duration::days(1);
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE TABLE event.{name} PARTITION OF event.events FOR VALUES FROM ('{}') TO ('{}')",
-        from.to_rfc3339(),
-        to.to_rfc3339()
-    )))
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    // The first four were stored 40 days ago, in that day's partition.
     let (old, kept) = ids.split_at(4);
     let old: Vec<Uuid> = old.iter().map(|id| id.parse().unwrap()).collect();
-    sqlx::query("UPDATE event.events SET stored_at = stored_at - interval '40 days' WHERE event_id = ANY($1)")
-        .bind(&old)
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    age(&app.pool, &old, 40).await;
+    let name = format!("events_p{}", (Utc::now().date_naive() - Days::new(40)).format("%Y%m%d"));
     let (_, before) = app.get("/api/v1/events/statistics").await;
     assert_eq!(before["total_events"], 6, "{before}");
     // What happened to events is logged; those logs leave by time with the same retention.
@@ -291,4 +275,77 @@ async fn a_day_without_its_partition_gets_one_and_nothing_is_lost() {
     let names: Vec<String> = partitions(&app.pool).await.into_iter().map(|(name, _)| name).collect();
     assert!(names.contains(&today), "{names:?}");
     assert_consistent(&app.pool).await;
+}
+
+/// Moves the given events' rows `days` back, into that day's partition (created here).
+async fn age(pool: &PgPool, ids: &[Uuid], days: u64) {
+    let day = Utc::now().date_naive() - Days::new(days);
+    let from = day.and_time(NaiveTime::MIN).and_utc();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE IF NOT EXISTS event.events_p{} PARTITION OF event.events FOR VALUES FROM ('{}') TO ('{}')",
+        day.format("%Y%m%d"),
+        from.to_rfc3339(),
+        (from + chrono::Duration::days(1)).to_rfc3339()
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE event.events SET stored_at = stored_at - interval '{days} days' WHERE event_id = ANY($1)"
+    )))
+    .bind(ids)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn projections_keep_their_state_and_refuse_to_guess_a_history_that_has_left() {
+    let mut app = spawn_app().await;
+    app.start_projector().await;
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let id = app.create(json!({"event_type": "meter.read", "stream_id": "meter:m1", "data": {"n": i}})).await;
+        ids.push(id.parse::<Uuid>().unwrap());
+    }
+    let pool = app.pool.clone();
+    wait_until(Duration::from_secs(20), || {
+        let pool = pool.clone();
+        async move {
+            let version: Option<i64> = sqlx::query_scalar(
+                "SELECT version FROM event.event_projections WHERE entity_type = 'meter' AND entity_id = 'm1' \
+                 AND projection_name = 'default'",
+            )
+            .fetch_optional(&pool)
+            .await
+            .ok()?;
+            (version == Some(12)).then_some(())
+        }
+    })
+    .await
+    .expect("the projector folds the stream (a snapshot at 10)");
+    let (_, now) = app.get("/api/v1/events/projections/meter/m1").await;
+
+    // Versions 1 to 11 leave.
+    age(&app.pool, &ids[..11], 40).await;
+    let report = retention::maintain(&app.pool, Some(chrono::Duration::days(30)), Utc::now()).await.unwrap().unwrap();
+    assert_eq!(report.events_dropped, 11);
+    let (_, stream) = app.get("/api/v1/events/stream/meter:m1").await;
+    assert_eq!((stream["first_version"].as_i64(), stream["version"].as_i64()), (Some(12), Some(12)), "{stream}");
+
+    // The kept state is exact, and so is time travel back to a snapshot.
+    let (status, kept) = app.get("/api/v1/events/projections/meter/m1").await;
+    assert_eq!((status.as_u16(), &kept["state"]), (200, &now["state"]), "{kept}");
+    let (status, at) = app.get("/api/v1/events/projections/meter/m1?as_of_version=10").await;
+    assert_eq!((status.as_u16(), at["snapshot_version"].as_i64()), (200, Some(10)), "{at}");
+    // Version 11 needs event 11, which has left.
+    let (status, body) = app.get("/api/v1/events/projections/meter/m1?as_of_version=11").await;
+    assert_eq!((status.as_u16(), body["code"].as_str()), (410, Some("history_expired")), "{body}");
+    // A rebuild would fold only what is left: refused, for the entity and for the definition.
+    let (status, body) = app.post("/api/v1/events/projections/meter/m1/rebuild", &json!({})).await;
+    assert_eq!((status.as_u16(), body["code"].as_str()), (409, Some("history_expired")), "{body}");
+    let (status, body) = app.post("/api/v1/events/projections/definitions/default/rebuild", &json!({})).await;
+    assert_eq!((status.as_u16(), body["code"].as_str()), (409, Some("history_expired")), "{body}");
+    let (_, still) = app.get("/api/v1/events/projections/meter/m1").await;
+    assert_eq!(still["state"], now["state"]);
 }

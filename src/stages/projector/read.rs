@@ -3,7 +3,8 @@
 //!
 //! Reads `event.events` and the projection tables; [`fold_stream`] writes projections.
 //! Guarantees: a read folds whatever the projector has not applied yet, so it always matches
-//! the stored stream; time travel folds from the nearest snapshot, not from the start.
+//! the stored stream; time travel folds from the nearest snapshot, not from the start; a fold
+//! that would need events that have left the store (retention) is refused, never guessed.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -13,6 +14,23 @@ use super::fold::Fold;
 use crate::domain::StreamId;
 use crate::registry::definitions::Definition;
 use crate::store::projections::{self, Projection};
+
+/// Why a read has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    /// The fold would need events that have left the store (retention), and no snapshot or
+    /// stored projection covers them.
+    #[error("the stream's events before version {first_version} have left the store")]
+    HistoryExpired { first_version: i64 },
+}
+
+/// Whether a fold that has applied the stream up to `folded` can go on from the stored
+/// events, which start at `first_version`.
+fn can_go_on(folded: i64, first_version: i64) -> bool {
+    folded + 1 >= first_version
+}
 
 /// Events read per page when folding on demand.
 const PAGE: i64 = 1000;
@@ -37,6 +55,13 @@ pub async fn fold_stream(
         })
         .collect();
     let from = folds.iter().map(|(fold, _)| fold.projection.stream_version).min().unwrap_or(0);
+    let first_version = projections::first_version(&mut *tx, stream_id).await?;
+    if !can_go_on(from, first_version) {
+        // Folding only the retained events would give a state that never was; reads of it
+        // answer history_expired instead.
+        tracing::warn!(%stream_id, first_version, "not folding a stream whose early events have left the store");
+        return Ok(Vec::new());
+    }
     let events = projections::events_after(&mut *tx, &[(stream_id, from)]).await?;
     for (fold, definition) in &mut folds {
         fold.apply(definition, &events, snapshot_every);
@@ -85,7 +110,7 @@ pub async fn read(
     entity_type: &str,
     entity_id: &str,
     as_of: AsOf,
-) -> Result<Option<Read>, sqlx::Error> {
+) -> Result<Option<Read>, ReadError> {
     let stream_id = StreamId::of(entity_type, entity_id);
     let (by_version, by_time) = match as_of {
         AsOf::Now => (None, None),
@@ -109,8 +134,12 @@ pub async fn read(
             (fold, snapshot_version)
         }
     };
-    let mut events_read = 0i64;
     let reached = |fold: &Fold| by_version.is_some_and(|limit| fold.projection.version >= limit);
+    let first_version = projections::first_version(pool, &stream_id).await?;
+    if !reached(&fold) && !can_go_on(fold.projection.stream_version, first_version) {
+        return Err(ReadError::HistoryExpired { first_version });
+    }
+    let mut events_read = 0i64;
     loop {
         let after = fold.projection.stream_version;
         let page = projections::stream_page(pool, &stream_id, after, by_time, PAGE).await?;
@@ -134,4 +163,18 @@ pub async fn read(
         snapshot_version: if time_travel { Some(snapshot_version.unwrap_or(0)) } else { None },
         events_read: time_travel.then_some(events_read),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::can_go_on;
+
+    #[test]
+    fn a_fold_goes_on_only_from_where_the_stored_events_begin() {
+        assert!(can_go_on(0, 1), "nothing has left");
+        assert!(can_go_on(41, 42), "a snapshot at 41, events from 42");
+        assert!(can_go_on(50, 42), "a stored projection past the horizon");
+        assert!(!can_go_on(0, 42), "from the start, with 1 to 41 gone");
+        assert!(!can_go_on(40, 42), "a snapshot at 40, event 41 gone");
+    }
 }
