@@ -60,8 +60,8 @@ BEGIN
     ELSE
         DROP TABLE event.events_old;
     END IF;
-    -- A week ahead; the persister keeps it so (src/store/retention.rs).
-    FOR i IN 0..7 LOOP
+    -- Two days ahead; the persister keeps it so (src/store/retention.rs).
+    FOR i IN 0..2 LOOP
         day := first + i * interval '1 day';
         EXECUTE format('CREATE TABLE event.%I PARTITION OF event.events FOR VALUES FROM (%L) TO (%L)',
                        'events_p' || to_char(day AT TIME ZONE 'UTC', 'YYYYMMDD'), day, day + interval '1 day');

@@ -2,9 +2,9 @@
 //! measures `POST /query` for 1 000 rows under several filters and `GET /statistics`.
 //!
 //! Seeded rows (types `seed.*`, 10 000 users, 30 days, mostly processed) go through an
-//! unlogged staging table, then into `event.events` together with the statistics rollups, in
-//! one transaction per chunk that holds the rollups lock as the persister does: the counts stay
-//! exact and the service keeps running meanwhile.
+//! unlogged staging table, then into `event.events` (their ids into `event.event_ids`) together
+//! with the statistics rollups, in one transaction per chunk that holds the rollups lock as the
+//! persister does: the counts stay exact and the service keeps running meanwhile.
 
 use std::time::Instant;
 
@@ -161,6 +161,7 @@ async fn seed(pool: &PgPool, from: usize, count: usize) -> anyhow::Result<usize>
         }
         copy.finish().await?;
         sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO event.event_ids SELECT event_id FROM public.bench_seed").execute(&mut *tx).await?;
         sqlx::query("INSERT INTO event.events SELECT * FROM public.bench_seed").execute(&mut *tx).await?;
         event_service::store::rollups::lock_rollups(&mut tx).await?;
         for statement in ROLLUPS {

@@ -44,10 +44,10 @@ async fn claim_ids<'a>(
         return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = batch.iter().map(|new| new.incoming.event.event_id).collect();
-    // In id order, so concurrent writers meet on the index in one order.
+    // Neither sorted nor deduplicated: writers of a batch take turns on the position row
+    // first, and DO NOTHING skips the second of two equal ids in one statement.
     let mut claimed: HashSet<Uuid> = sqlx::query_scalar::<_, Uuid>(
-        "INSERT INTO event.event_ids (event_id) SELECT DISTINCT i FROM unnest($1::uuid[]) AS i ORDER BY i \
-         ON CONFLICT DO NOTHING RETURNING event_id",
+        "INSERT INTO event.event_ids (event_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING RETURNING event_id",
     )
     .bind(&ids)
     .fetch_all(&mut **tx)

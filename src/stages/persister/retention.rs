@@ -1,4 +1,4 @@
-//! The persister's upkeep of `event.events`: keeps a week of day partitions ready and, with
+//! The persister's upkeep of `event.events`: keeps day partitions ready ahead and, with
 //! `EVENT_RETENTION_DAYS`, drops the expired ones ([`crate::store::retention`] decides and
 //! does both). Runs at start and then hourly; with several persisters one at a time does it.
 //!
