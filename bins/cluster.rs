@@ -21,6 +21,9 @@ use event_service::infra::{callback, db, shutdown};
 use event_service::service;
 use serde_json::json;
 
+#[global_allocator]
+static ALLOCATOR: event_service::Allocator = event_service::Allocator;
+
 #[derive(Parser)]
 #[command(version, about = "The event-service topology as local processes")]
 struct Args {

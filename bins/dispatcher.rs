@@ -4,6 +4,9 @@ use clap::Parser;
 use event_service::infra::settings::{CallbackArgs, Common, DispatcherArgs};
 use event_service::service;
 
+#[global_allocator]
+static ALLOCATOR: event_service::Allocator = event_service::Allocator;
+
 #[derive(Parser)]
 #[command(version, about = "The event-service dispatcher and sender (subscription webhooks)")]
 struct Args {

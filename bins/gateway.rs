@@ -5,6 +5,9 @@ use event_service::gateway::Gateway;
 use event_service::infra::settings::{Common, GatewayArgs};
 use event_service::service;
 
+#[global_allocator]
+static ALLOCATOR: event_service::Allocator = event_service::Allocator;
+
 #[derive(Parser)]
 #[command(version, about = "The event-service HTTP gateway")]
 struct Args {

@@ -5,6 +5,9 @@ use event_service::infra::settings::{Common, PersisterArgs};
 use event_service::service;
 use event_service::stages::persister::Persister;
 
+#[global_allocator]
+static ALLOCATOR: event_service::Allocator = event_service::Allocator;
+
 #[derive(Parser)]
 #[command(version, about = "The event-service persister stage")]
 struct Args {

@@ -4,6 +4,9 @@ use clap::Parser;
 use event_service::infra::settings::{CallbackArgs, Common, ProcessorArgs};
 use event_service::service;
 
+#[global_allocator]
+static ALLOCATOR: event_service::Allocator = event_service::Allocator;
+
 #[derive(Parser)]
 #[command(version, about = "The event-service processor stage (processors and replays)")]
 struct Args {

@@ -4,6 +4,9 @@ use clap::Parser;
 use event_service::infra::settings::{Common, ProjectorArgs};
 use event_service::service;
 
+#[global_allocator]
+static ALLOCATOR: event_service::Allocator = event_service::Allocator;
+
 #[derive(Parser)]
 #[command(version, about = "The event-service projector stage")]
 struct Args {

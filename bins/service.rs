@@ -14,6 +14,9 @@ use event_service::infra::settings::{
 use event_service::infra::{db, ops, shutdown, telemetry};
 use event_service::service;
 
+#[global_allocator]
+static ALLOCATOR: event_service::Allocator = event_service::Allocator;
+
 #[derive(Parser)]
 #[command(version, about = "The whole event pipeline in one process")]
 struct Args {

@@ -31,3 +31,10 @@ pub mod service;
 pub mod stages;
 pub mod store;
 pub mod wire;
+
+/// The allocator every binary of the service declares (`#[global_allocator]`): mimalloc. The
+/// stages allocate and free many small buffers per event (messages, JSON values, SQL
+/// arguments), and glibc's malloc spent a third of the service's CPU on them (BENCHMARKS.md,
+/// "Allocator"). The library does not set it itself, so a program that links it (the
+/// benchmark) keeps its own.
+pub use mimalloc::MiMalloc as Allocator;
