@@ -14,8 +14,10 @@
 -- whole once its newest event is past the retention. An empty store starts with daily
 -- partitions only.
 
-CREATE TABLE event.event_ids (event_id uuid PRIMARY KEY);
-INSERT INTO event.event_ids SELECT event_id FROM event.events;
+-- Each id keeps its row's stored_at: a read by id bounds itself to the partitions of the ids'
+-- days (src/store/by_id.rs) instead of probing every partition's id index.
+CREATE TABLE event.event_ids (event_id uuid PRIMARY KEY, stored_at timestamptz NOT NULL);
+INSERT INTO event.event_ids SELECT event_id, stored_at FROM event.events;
 
 ALTER TABLE event.events RENAME TO events_old;
 ALTER TABLE event.events_old DROP CONSTRAINT events_pkey;

@@ -161,7 +161,9 @@ async fn seed(pool: &PgPool, from: usize, count: usize) -> anyhow::Result<usize>
         }
         copy.finish().await?;
         sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
-        sqlx::query("INSERT INTO event.event_ids SELECT event_id FROM public.bench_seed").execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO event.event_ids SELECT event_id, stored_at FROM public.bench_seed")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("INSERT INTO event.events SELECT * FROM public.bench_seed").execute(&mut *tx).await?;
         event_service::store::rollups::lock_rollups(&mut tx).await?;
         for statement in ROLLUPS {

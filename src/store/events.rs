@@ -1,7 +1,8 @@
 //! Reads of stored events: by id, by ids, an entity stream's events, and which of a set of ids
 //! are stored.
 //!
-//! Reads `event.events` and `event.event_streams`; writes nothing. Guarantees: a row whose
+//! Reads `event.events` (by id only inside the ids' partitions, [`by_id`]), `event.event_ids` and
+//! `event.event_streams`; writes nothing. Guarantees: a row whose
 //! source, category or status the code does not know is an error, never a default.
 
 use std::collections::{HashMap, HashSet};
@@ -12,6 +13,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::by_id;
 use super::write::STORED_AMONG;
 use crate::domain::{Event, EventCategory, EventSource, EventStatus, StreamId};
 
@@ -78,19 +80,26 @@ pub const EVENT_COLUMNS: &str = "event_id, event_type, event_source, event_categ
     created_at, stored_at, updated_at";
 
 pub async fn get_event(pool: &PgPool, event_id: Uuid) -> Result<Option<StoredEvent>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {EVENT_COLUMNS} FROM event.events WHERE event_id = $1")))
-        .bind(event_id)
-        .fetch_optional(pool)
-        .await
+    // The subquery's value prunes the partitions at execution: one index probe, not one per day.
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {EVENT_COLUMNS} FROM event.events WHERE event_id = $1 \
+         AND stored_at = (SELECT stored_at FROM event.event_ids WHERE event_id = $1)"
+    )))
+    .bind(event_id)
+    .fetch_optional(pool)
+    .await
 }
 
 /// The stored events among `ids`, oldest (in stream order) first.
 pub async fn events_by_ids(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let Some(span) = by_id::span(pool, ids).await? else { return Ok(Vec::new()) };
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {EVENT_COLUMNS} FROM event.events JOIN (SELECT DISTINCT unnest($1::uuid[])) AS i(event_id) USING (event_id) \
-         ORDER BY stream_seq"
+         WHERE stored_at BETWEEN $2 AND $3 ORDER BY stream_seq"
     )))
     .bind(ids)
+    .bind(span.first)
+    .bind(span.last)
     .fetch_all(pool)
     .await
 }
@@ -113,10 +122,14 @@ pub struct StoredPosition {
 
 /// The stored events among `ids`, by id.
 pub async fn stored_positions(pool: &PgPool, ids: &[Uuid]) -> Result<HashMap<Uuid, StoredPosition>, sqlx::Error> {
+    let Some(span) = by_id::span(pool, ids).await? else { return Ok(HashMap::new()) };
     let rows: Vec<StoredPosition> = sqlx::query_as(
-        "SELECT event_id, stream_id, stream_version, stream_seq FROM event.events WHERE event_id = ANY($1)",
+        "SELECT event_id, stream_id, stream_version, stream_seq FROM event.events \
+         WHERE event_id = ANY($1) AND stored_at BETWEEN $2 AND $3",
     )
     .bind(ids)
+    .bind(span.first)
+    .bind(span.last)
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().map(|row| (row.event_id, row)).collect())

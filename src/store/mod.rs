@@ -4,13 +4,15 @@
 //! - [`position`]: how far the persister has stored each JetStream stream.
 //! - [`write`]: the persister's batch write (events, stream versions, rollups, position).
 //! - [`rollups`]: the statistics counters every writer keeps current.
-//! - [`events`], [`query`], [`statistics`]: the read side of the API.
+//! - [`events`], [`query`], [`statistics`]: the read side of the API; [`by_id`] keeps reads by
+//!   id to the partitions that hold the ids.
 //! - [`processing`]: processor results and status changes.
 //! - [`deliveries`]: the subscriptions' delivery log.
 //! - [`projections`]: projections, snapshots and the stream reads folds need.
 //! - [`replay_jobs`]: replay jobs and their pages.
 //! - [`retention`]: the day partitions of `event.events`, kept ready and dropped when expired.
 
+pub mod by_id;
 pub mod deliveries;
 pub mod events;
 pub mod position;

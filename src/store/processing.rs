@@ -1,7 +1,8 @@
 //! What processor runs did: `processing_results`, the events' processing status, the
 //! processors' counters, and the status rollups, written together.
 //!
-//! Reads earlier attempts of the live run; writes `event.processing_results`, `event.events`
+//! Reads earlier attempts of the live run, and `event.event_ids` to find the events' partitions;
+//! writes `event.processing_results`, `event.events`
 //! (status), `event.event_processors` (counters) and the rollups, in one transaction per
 //! batch. Guarantees: a status change moves the rollup counts in the same transaction;
 //! results are keyed by (event, processor, run, attempt), so a redelivered attempt overwrites
@@ -15,6 +16,7 @@ use serde_json::json;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
+use super::by_id;
 use super::rollups::{self, StatusCounts};
 use crate::domain::{EventStatus, ResultStatus};
 
@@ -178,13 +180,17 @@ async fn change_statuses(
     changes: &[StatusChange],
 ) -> Result<HashSet<Uuid>, sqlx::Error> {
     let ids: Vec<Uuid> = changes.iter().map(|change| change.event_id).collect();
-    let current: HashMap<Uuid, EventStatus> =
-        sqlx::query_as::<_, (Uuid, EventStatus)>("SELECT event_id, status FROM event.events WHERE event_id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut **tx)
-            .await?
-            .into_iter()
-            .collect();
+    let Some(span) = by_id::span(&mut **tx, &ids).await? else { return Ok(HashSet::new()) };
+    let current: HashMap<Uuid, EventStatus> = sqlx::query_as::<_, (Uuid, EventStatus)>(
+        "SELECT event_id, status FROM event.events WHERE event_id = ANY($1) AND stored_at BETWEEN $2 AND $3",
+    )
+    .bind(&ids)
+    .bind(span.first)
+    .bind(span.last)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
     let mut changes: Vec<&StatusChange> = changes
         .iter()
         .filter(|change| {
@@ -214,7 +220,7 @@ async fn change_statuses(
          ), old AS ( \
              SELECT e.event_id, e.status AS old_status, e.user_id, e.created_at, i.status AS new_status \
              FROM event.events e JOIN input i USING (event_id) \
-             WHERE i.only_from IS NULL OR e.status = ANY(i.only_from) \
+             WHERE e.stored_at BETWEEN $2 AND $3 AND (i.only_from IS NULL OR e.status = ANY(i.only_from)) \
              ORDER BY e.event_id FOR UPDATE OF e \
          ), moved AS ( \
              UPDATE event.events e SET status = i.status, \
@@ -225,12 +231,15 @@ async fn change_statuses(
                  processed_at = CASE WHEN i.status IN ('processed', 'failed') THEN now() ELSE e.processed_at END, \
                  updated_at = now() \
              FROM input i, old o WHERE e.event_id = i.event_id AND o.event_id = i.event_id \
+                 AND e.stored_at BETWEEN $2 AND $3 \
              RETURNING e.event_id \
          ) \
          SELECT old_status, new_status, user_id, (extract(epoch FROM now() - created_at) * 1000)::float8 AS ms \
          FROM old",
     )
     .bind(sqlx::types::Json(&changes))
+    .bind(span.first)
+    .bind(span.last)
     .fetch_all(&mut **tx)
     .await?;
     let mut counts = StatusCounts::default();

@@ -33,7 +33,8 @@ pub enum InsertOutcome {
 pub(super) const STORED_AMONG: &str =
     "SELECT e.event_id FROM unnest($1::uuid[]) AS i(event_id) JOIN event.event_ids e USING (event_id)";
 
-/// Claims the batch's ids in `event.event_ids` and returns the events whose id was free, in
+/// Claims the batch's ids in `event.event_ids`, with the `stored_at` their rows get (`now()`,
+/// the transaction's time, the column's default), and returns the events whose id was free, in
 /// batch order (the first of two with one id). An id claimed by a writer that has not
 /// committed yet waits for it: stored then, or free again if it rolled back.
 async fn claim_ids<'a>(
@@ -47,7 +48,8 @@ async fn claim_ids<'a>(
     // Neither sorted nor deduplicated: writers of a batch take turns on the position row
     // first, and DO NOTHING skips the second of two equal ids in one statement.
     let mut claimed: HashSet<Uuid> = sqlx::query_scalar::<_, Uuid>(
-        "INSERT INTO event.event_ids (event_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING RETURNING event_id",
+        "INSERT INTO event.event_ids (event_id, stored_at) SELECT unnest($1::uuid[]), now() \
+         ON CONFLICT DO NOTHING RETURNING event_id",
     )
     .bind(&ids)
     .fetch_all(&mut **tx)

@@ -23,7 +23,7 @@ async fn partitions(pool: &PgPool) -> Vec<(String, bool)> {
 }
 
 /// Every rollup says exactly what a count over the stored events says, and the id guard holds
-/// exactly the stored ids.
+/// exactly the stored ids, each with its row's `stored_at`.
 async fn assert_consistent(pool: &PgPool) {
     let pairs = [
         (
@@ -50,8 +50,8 @@ async fn assert_consistent(pool: &PgPool) {
              WHERE user_id IS NOT NULL GROUP BY user_id ORDER BY 1",
         ),
         (
-            "SELECT event_id::text, 1::bigint FROM event.event_ids ORDER BY 1",
-            "SELECT event_id::text, 1::bigint FROM event.events ORDER BY 1",
+            "SELECT event_id::text || '/' || stored_at::text, 1::bigint FROM event.event_ids ORDER BY 1",
+            "SELECT event_id::text || '/' || stored_at::text, 1::bigint FROM event.events ORDER BY 1",
         ),
     ];
     for (rollup, truth) in pairs {
@@ -297,6 +297,13 @@ async fn age(pool: &PgPool, ids: &[Uuid], days: u64) {
     .execute(pool)
     .await
     .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE event.event_ids SET stored_at = stored_at - interval '{days} days' WHERE event_id = ANY($1)"
+    )))
+    .bind(ids)
+    .execute(pool)
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -348,4 +355,34 @@ async fn projections_keep_their_state_and_refuse_to_guess_a_history_that_has_lef
     assert_eq!((status.as_u16(), body["code"].as_str()), (409, Some("history_expired")), "{body}");
     let (_, still) = app.get("/api/v1/events/projections/meter/m1").await;
     assert_eq!(still["state"], now["state"]);
+}
+
+#[tokio::test]
+async fn reads_by_id_find_events_in_every_day_they_were_stored() {
+    use event_service::store::events;
+
+    let app = spawn_app().await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(app.create(event(i, Some("account:9"))).await.parse::<Uuid>().unwrap());
+    }
+    // Three days hold them now: 5 days ago, 2 days ago and today.
+    age(&app.pool, &ids[0..2], 5).await;
+    age(&app.pool, &ids[2..4], 2).await;
+    assert_consistent(&app.pool).await;
+
+    for id in &ids {
+        let (status, stored) = app.get(&format!("/api/v1/events/{id}")).await;
+        assert_eq!(status, 200, "{stored}");
+        assert_eq!(stored["event_id"], id.to_string());
+    }
+    let mut asked = ids.clone();
+    asked.push(Uuid::now_v7());
+    let found: Vec<Uuid> = events::events_by_ids(&app.pool, &asked).await.unwrap().iter().map(|e| e.event_id).collect();
+    assert_eq!(found, ids, "every stored one, in stream order; the unknown id is not");
+    let positions = events::stored_positions(&app.pool, &asked).await.unwrap();
+    assert_eq!(positions.len(), 6);
+    assert_eq!(positions[&ids[0]].stream_version, Some(1));
+    assert_eq!(positions[&ids[5]].stream_version, Some(6));
+    assert!(events::events_by_ids(&app.pool, &[Uuid::now_v7()]).await.unwrap().is_empty());
 }
