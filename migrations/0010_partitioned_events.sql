@@ -16,6 +16,10 @@
 
 -- Each id keeps its row's stored_at: a read by id bounds itself to the partitions of the ids'
 -- days (src/store/by_id.rs) instead of probing every partition's id index.
+-- Nothing may be stored while the ids are copied: a row committed after the copy would have no
+-- id in the guard (a persister of the previous version may still be running).
+LOCK TABLE event.events IN ACCESS EXCLUSIVE MODE;
+
 CREATE TABLE event.event_ids (event_id uuid PRIMARY KEY, stored_at timestamptz NOT NULL);
 INSERT INTO event.event_ids SELECT event_id, stored_at FROM event.events;
 

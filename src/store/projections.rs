@@ -147,6 +147,22 @@ pub async fn first_version(executor: impl sqlx::PgExecutor<'_>, stream_id: &Stre
     Ok(first.unwrap_or(1))
 }
 
+/// The streams among `stream_ids` that have lost early events, with their oldest retained
+/// version (a stream missing here starts at 1).
+pub async fn first_versions(
+    executor: impl sqlx::PgExecutor<'_>,
+    stream_ids: &[&StreamId],
+) -> Result<HashMap<StreamId, i64>, sqlx::Error> {
+    let ids: Vec<&str> = stream_ids.iter().map(|stream_id| stream_id.as_str()).collect();
+    let rows: Vec<(StreamId, i64)> = sqlx::query_as(
+        "SELECT stream_id, first_version FROM event.event_streams WHERE stream_id = ANY($1) AND first_version > 1",
+    )
+    .bind(ids)
+    .fetch_all(executor)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// A stream of the entity type (`*`: any) whose early events have left the store, with its
 /// oldest retained version.
 pub async fn stream_with_expired_history(

@@ -1,7 +1,8 @@
 //! Replay jobs (`event.replay_jobs`): what a replay selects, its progress, and the pages of
 //! events it works through.
 //!
-//! Reads `event.events` and `event.event_processors`; reads and writes `event.replay_jobs`.
+//! Reads `event.events` (by ids only inside their days, from `event.event_ids`) and
+//! `event.event_processors`; reads and writes `event.replay_jobs`.
 //! Guarantees: a job's progress ([`advance`]) is written in the caller's transaction with the
 //! results it counts, so a resumed job continues exactly after the last event it recorded.
 
@@ -31,6 +32,14 @@ impl Selector {
         query.push(" WHERE true");
         if let Some(ids) = &self.event_ids {
             query.push(" AND event_id = ANY(").push_bind(ids.clone()).push(")");
+            // The ids' days, from the id guard: the partitions outside are pruned when the
+            // query runs, rather than their id indexes probed (see store::by_id).
+            query
+                .push(" AND stored_at BETWEEN (SELECT min(stored_at) FROM event.event_ids WHERE event_id = ANY(")
+                .push_bind(ids.clone())
+                .push(")) AND (SELECT max(stored_at) FROM event.event_ids WHERE event_id = ANY(")
+                .push_bind(ids.clone())
+                .push("))");
         }
         if let Some(stream_id) = &self.stream_id {
             query.push(" AND stream_id = ").push_bind(stream_id.clone());

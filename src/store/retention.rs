@@ -3,13 +3,16 @@
 //! set, drops the partitions whose every event is older than it.
 //!
 //! Reads the catalog and the expiring partitions; creates and drops partitions; writes
-//! `event.event_ids`, `event.event_streams.first_version`, the `event.rollup_*` tables, `event.processing_results` and
-//! `event.delivery_attempts`. Guarantees:
+//! `event.event_ids`, `event.event_streams.first_version`, the `event.rollup_*` tables,
+//! `event.processing_results` and `event.delivery_attempts`. Guarantees:
 //! - Events leave only by dropping a whole partition, never by deleting rows.
 //! - A dropped partition takes its ids out of `event.event_ids` and its counts out of every
 //!   rollup in one transaction: statistics and idempotency describe exactly the retained events.
+//! - A partition's streams move their `first_version` past it in the transaction that detaches
+//!   it: no reader sees its events gone while their stream still claims them.
 //! - One maintainer at a time (an advisory lock); a partition detached but not yet dropped (a
-//!   crash in between) is finished by the next run.
+//!   crash in between) is finished by the next run. Until then its ids and counts are still
+//!   in the guard and the rollups (milliseconds, or an hour after a crash).
 //! - Entity streams keep their versions (a stream goes on numbering after its early events
 //!   leave) and record the oldest one retained (`first_version`); projections keep their
 //!   folded state.
@@ -156,6 +159,9 @@ async fn run(
 async fn create(conn: &mut PgConnection, partition: Partition) -> Result<(), sqlx::Error> {
     let lower = partition.lower.unwrap_or(partition.upper).and_time(NaiveTime::MIN).and_utc();
     let upper = partition.upper.and_time(NaiveTime::MIN).and_utc();
+    // A lock on the parent like a detach's: bounded the same way (the next run tries again).
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    sqlx::query("SET LOCAL lock_timeout = '10s'").execute(&mut *tx).await?;
     // DDL takes no parameters; the bounds are dates this module formats itself.
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TABLE IF NOT EXISTS event.\"{}\" PARTITION OF event.events FOR VALUES FROM ('{}') TO ('{}')",
@@ -163,17 +169,32 @@ async fn create(conn: &mut PgConnection, partition: Partition) -> Result<(), sql
         lower.to_rfc3339(),
         upper.to_rfc3339()
     )))
-    .execute(conn)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     tracing::info!(partition = partition.name, "events partition created");
     Ok(())
 }
 
 /// Takes the partition out of `event.events` (a short exclusive lock on the parent; it gives
 /// up after 10 s rather than queue every reader behind it, and the next run tries again).
+///
+/// Its streams' `first_version` moves past it in the same transaction, so no reader ever sees
+/// the events gone while their streams still claim them (a fold would skip them unawares).
 async fn detach(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
     let mut tx = sqlx::Connection::begin(conn).await?;
     sqlx::query("SET LOCAL lock_timeout = '10s'").execute(&mut *tx).await?;
+    // Streams in id order, as the persister locks them. Nothing new lands in an expired day.
+    sqlx::query(AssertSqlSafe(format!(
+        "WITH gone AS (SELECT stream_id, max(stream_version) AS last FROM event.\"{name}\" \
+                       WHERE stream_id IS NOT NULL GROUP BY 1), \
+              locked AS (SELECT s.stream_id, g.last FROM event.event_streams s JOIN gone g USING (stream_id) \
+                         ORDER BY s.stream_id FOR UPDATE OF s) \
+         UPDATE event.event_streams s SET first_version = greatest(s.first_version, l.last + 1) \
+         FROM locked l WHERE s.stream_id = l.stream_id"
+    )))
+    .execute(&mut *tx)
+    .await?;
     sqlx::query(AssertSqlSafe(format!("ALTER TABLE event.events DETACH PARTITION event.\"{name}\"")))
         .execute(&mut *tx)
         .await?;
@@ -184,6 +205,11 @@ async fn detach(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> 
 /// the rollups in the same transaction. Returns how many events it held.
 async fn retire(conn: &mut PgConnection, name: &str) -> Result<i64, sqlx::Error> {
     let mut tx = sqlx::Connection::begin(conn).await?;
+    // The table first, or not at all: waiting for it later would hold the rollups lock while
+    // waiting (another session reading the detached table; the next run tries again).
+    sqlx::query(AssertSqlSafe(format!("LOCK TABLE event.\"{name}\" IN ACCESS EXCLUSIVE MODE NOWAIT")))
+        .execute(&mut *tx)
+        .await?;
     // Counted before any lock is taken: nothing writes a detached partition.
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TEMP TABLE retired ON COMMIT DROP AS \
@@ -198,17 +224,6 @@ async fn retire(conn: &mut PgConnection, name: &str) -> Result<i64, sqlx::Error>
     .await?;
     sqlx::query(AssertSqlSafe(format!(
         "DELETE FROM event.event_ids i USING event.\"{name}\" p WHERE i.event_id = p.event_id"
-    )))
-    .execute(&mut *tx)
-    .await?;
-    // Streams first and in id order, as the persister locks them, and before the rollups.
-    sqlx::query(AssertSqlSafe(format!(
-        "WITH gone AS (SELECT stream_id, max(stream_version) AS last FROM event.\"{name}\" \
-                       WHERE stream_id IS NOT NULL GROUP BY 1), \
-              locked AS (SELECT s.stream_id, g.last FROM event.event_streams s JOIN gone g USING (stream_id) \
-                         ORDER BY s.stream_id FOR UPDATE OF s) \
-         UPDATE event.event_streams s SET first_version = greatest(s.first_version, l.last + 1) \
-         FROM locked l WHERE s.stream_id = l.stream_id"
     )))
     .execute(&mut *tx)
     .await?;

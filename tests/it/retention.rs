@@ -355,6 +355,41 @@ async fn projections_keep_their_state_and_refuse_to_guess_a_history_that_has_lef
     assert_eq!((status.as_u16(), body["code"].as_str()), (409, Some("history_expired")), "{body}");
     let (_, still) = app.get("/api/v1/events/projections/meter/m1").await;
     assert_eq!(still["state"], now["state"]);
+
+    // A definition that came after the early events left: the next live event moves the
+    // default projection on, and does not start the new one from what is left.
+    let (status, body) = app
+        .post(
+            "/api/v1/events/projections/definitions",
+            &json!({"name": "meter_counts", "entity_type": "meter", "reducer": "counter"}),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    app.create(json!({"event_type": "meter.read", "stream_id": "meter:m1", "data": {"n": 12}})).await;
+    let pool = app.pool.clone();
+    wait_until(Duration::from_secs(20), || {
+        let pool = pool.clone();
+        async move {
+            let version: Option<i64> = sqlx::query_scalar(
+                "SELECT stream_version FROM event.event_projections WHERE entity_type = 'meter' AND entity_id = 'm1' \
+                 AND projection_name = 'default'",
+            )
+            .fetch_optional(&pool)
+            .await
+            .ok()?;
+            (version == Some(13)).then_some(())
+        }
+    })
+    .await
+    .expect("the default projection goes on with the live event");
+    let partial: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM event.event_projections WHERE projection_name = 'meter_counts'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(partial, 0, "no projection folded from part of its history");
+    let (status, body) = app.get("/api/v1/events/projections/meter/m1?name=meter_counts").await;
+    assert_eq!((status.as_u16(), body["code"].as_str()), (410, Some("history_expired")), "{body}");
 }
 
 #[tokio::test]

@@ -147,6 +147,19 @@ impl Handler {
         for event in projections::events_after(&mut *tx, &to_read).await? {
             read_back.entry(event.stream_id.clone()).or_default().push(event);
         }
+        // Read after the events: a partition that left meanwhile moved first_version in the
+        // same transaction as it left. A fold that would skip events that have left (a
+        // definition newer than them) stays unfolded; reads of it answer history_expired.
+        let first_versions = projections::first_versions(&mut *tx, &streams).await?;
+        folds.retain(|(fold, _, stream_id)| {
+            let first_version = first_versions.get(*stream_id).copied().unwrap_or(1);
+            let whole = read::can_go_on(fold.projection.stream_version, first_version);
+            if !whole {
+                tracing::warn!(%stream_id, first_version, projection = fold.projection.projection_name,
+                    "not folding a stream whose early events have left the store");
+            }
+            whole
+        });
         for (fold, definition, stream_id) in &mut folds {
             let events = read_back.get(*stream_id).or_else(|| arrived.events.get(*stream_id));
             fold.apply(definition, events.map_or(&[][..], Vec::as_slice), self.snapshot_every);

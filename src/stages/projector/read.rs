@@ -28,7 +28,7 @@ pub enum ReadError {
 
 /// Whether a fold that has applied the stream up to `folded` can go on from the stored
 /// events, which start at `first_version`.
-fn can_go_on(folded: i64, first_version: i64) -> bool {
+pub(super) fn can_go_on(folded: i64, first_version: i64) -> bool {
     folded + 1 >= first_version
 }
 
@@ -55,6 +55,9 @@ pub async fn fold_stream(
         })
         .collect();
     let from = folds.iter().map(|(fold, _)| fold.projection.stream_version).min().unwrap_or(0);
+    let events = projections::events_after(&mut *tx, &[(stream_id, from)]).await?;
+    // Read after the events, so a partition that left in between is seen (it moves
+    // first_version in the transaction that takes it away).
     let first_version = projections::first_version(&mut *tx, stream_id).await?;
     if !can_go_on(from, first_version) {
         // Folding only the retained events would give a state that never was; reads of it
@@ -62,7 +65,6 @@ pub async fn fold_stream(
         tracing::warn!(%stream_id, first_version, "not folding a stream whose early events have left the store");
         return Ok(Vec::new());
     }
-    let events = projections::events_after(&mut *tx, &[(stream_id, from)]).await?;
     for (fold, definition) in &mut folds {
         fold.apply(definition, &events, snapshot_every);
     }
