@@ -306,6 +306,22 @@ async fn age(pool: &PgPool, ids: &[Uuid], days: u64) {
     .unwrap();
 }
 
+/// Waits until the default projection of meter:m1 has folded its stream up to `version`.
+async fn default_projection_reaches(pool: &PgPool, version: i64) {
+    wait_until(Duration::from_secs(20), || async move {
+        let folded: Option<i64> = sqlx::query_scalar(
+            "SELECT stream_version FROM event.event_projections WHERE entity_type = 'meter' AND entity_id = 'm1' \
+             AND projection_name = 'default'",
+        )
+        .fetch_optional(pool)
+        .await
+        .ok()?;
+        (folded == Some(version)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("the default projection of meter:m1 reaches version {version}"));
+}
+
 #[tokio::test]
 async fn projections_keep_their_state_and_refuse_to_guess_a_history_that_has_left() {
     let mut app = spawn_app().await;
@@ -315,22 +331,8 @@ async fn projections_keep_their_state_and_refuse_to_guess_a_history_that_has_lef
         let id = app.create(json!({"event_type": "meter.read", "stream_id": "meter:m1", "data": {"n": i}})).await;
         ids.push(id.parse::<Uuid>().unwrap());
     }
-    let pool = app.pool.clone();
-    wait_until(Duration::from_secs(20), || {
-        let pool = pool.clone();
-        async move {
-            let version: Option<i64> = sqlx::query_scalar(
-                "SELECT version FROM event.event_projections WHERE entity_type = 'meter' AND entity_id = 'm1' \
-                 AND projection_name = 'default'",
-            )
-            .fetch_optional(&pool)
-            .await
-            .ok()?;
-            (version == Some(12)).then_some(())
-        }
-    })
-    .await
-    .expect("the projector folds the stream (a snapshot at 10)");
+    // The projector folds the stream (a snapshot at 10).
+    default_projection_reaches(&app.pool, 12).await;
     let (_, now) = app.get("/api/v1/events/projections/meter/m1").await;
 
     // Versions 1 to 11 leave.
@@ -366,22 +368,7 @@ async fn projections_keep_their_state_and_refuse_to_guess_a_history_that_has_lef
         .await;
     assert_eq!(status.as_u16(), 200, "{body}");
     app.create(json!({"event_type": "meter.read", "stream_id": "meter:m1", "data": {"n": 12}})).await;
-    let pool = app.pool.clone();
-    wait_until(Duration::from_secs(20), || {
-        let pool = pool.clone();
-        async move {
-            let version: Option<i64> = sqlx::query_scalar(
-                "SELECT stream_version FROM event.event_projections WHERE entity_type = 'meter' AND entity_id = 'm1' \
-                 AND projection_name = 'default'",
-            )
-            .fetch_optional(&pool)
-            .await
-            .ok()?;
-            (version == Some(13)).then_some(())
-        }
-    })
-    .await
-    .expect("the default projection goes on with the live event");
+    default_projection_reaches(&app.pool, 13).await;
     let partial: i64 =
         sqlx::query_scalar("SELECT count(*) FROM event.event_projections WHERE projection_name = 'meter_counts'")
             .fetch_one(&app.pool)
