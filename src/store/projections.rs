@@ -140,11 +140,7 @@ pub async fn stream_page(
 
 /// A stream's oldest retained version (1 when it has lost nothing, or is unknown).
 pub async fn first_version(executor: impl sqlx::PgExecutor<'_>, stream_id: &StreamId) -> Result<i64, sqlx::Error> {
-    let first: Option<i64> = sqlx::query_scalar("SELECT first_version FROM event.event_streams WHERE stream_id = $1")
-        .bind(stream_id)
-        .fetch_optional(executor)
-        .await?;
-    Ok(first.unwrap_or(1))
+    Ok(first_versions(executor, &[stream_id]).await?.get(stream_id).copied().unwrap_or(1))
 }
 
 /// The streams among `stream_ids` that have lost early events, with their oldest retained

@@ -210,7 +210,7 @@ async fn retire(conn: &mut PgConnection, name: &str) -> Result<i64, sqlx::Error>
     sqlx::query(AssertSqlSafe(format!("LOCK TABLE event.\"{name}\" IN ACCESS EXCLUSIVE MODE NOWAIT")))
         .execute(&mut *tx)
         .await?;
-    // Counted before any lock is taken: nothing writes a detached partition.
+    // Counted before the rollups lock: nothing writes a detached partition.
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TEMP TABLE retired ON COMMIT DROP AS \
          SELECT (\"timestamp\" AT TIME ZONE 'UTC')::date AS day, event_source, event_category, event_type, \
