@@ -150,7 +150,13 @@ async fn main() -> anyhow::Result<()> {
 
 /// The topology with three replicas and the migrations, retried while the cluster settles.
 async fn set_up(nats_url: &str, database_url: &str) -> anyhow::Result<()> {
-    let nats = NatsArgs { nats_url: None, replicas: 3, ack_timeout_ms: 5000, events_max_age_secs: 7 * 24 * 3600 };
+    let nats = NatsArgs {
+        nats_url: None,
+        replicas: 3,
+        ack_timeout_ms: 5000,
+        events_max_age_secs: 7 * 24 * 3600,
+        stored_max_age_secs: 7 * 24 * 3600,
+    };
     let database = DatabaseArgs { database_url: None, max_connections: 4 };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

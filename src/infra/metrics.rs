@@ -2,7 +2,8 @@
 //! with its NATS connection, so every part that talks to NATS can count without another
 //! argument), scraped at `/metrics`.
 //!
-//! Reads, at scrape time only: the consumers' info (backlog), EVENTS' last sequence and the
+//! Reads, at scrape time only: the consumers' info (backlog; every consumer of STORED, a
+//! downstream team's too), EVENTS' last sequence and the
 //! persister's stored position (lag), the PostgreSQL pool (usage). Writes nothing. Guarantees:
 //! names follow Prometheus conventions (`event_` prefix, `_total` counters, `_seconds`
 //! histograms in base units); labels have low cardinality: route templates never raw paths,
@@ -20,6 +21,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use sqlx::PgPool;
+
+use crate::wire::subjects::streams::STORED;
 
 /// `Content-Type` of a scrape.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -109,6 +112,10 @@ struct Sources {
     pool: Option<PgPool>,
     /// DEADLETTER, when this process serves the dead-letter endpoints (a gateway).
     dead_letters: Option<Stream>,
+    /// STORED, when a persister runs here: its consumers (everyone's) are reported, and the
+    /// names last reported, to drop the gauges of a deleted one.
+    stored: Option<Stream>,
+    stored_consumers: Vec<String>,
 }
 
 /// Every metric of one process.
@@ -127,6 +134,7 @@ pub struct Metrics {
     pub consumer_pending: Family<ConsumerLabels, Gauge>,
     pub consumer_ack_pending: Family<ConsumerLabels, Gauge>,
     pub persister_lag: Gauge,
+    pub stored_published: Counter,
     pub processor_runs: Family<RunLabels, Counter>,
     pub deliveries: Family<DeliveryLabels, Counter>,
     pub subscriptions_disabled: Counter,
@@ -166,6 +174,7 @@ impl Metrics {
             consumer_pending: Family::default(),
             consumer_ack_pending: Family::default(),
             persister_lag: Gauge::default(),
+            stored_published: Counter::default(),
             processor_runs: Family::default(),
             deliveries: Family::default(),
             subscriptions_disabled: Counter::default(),
@@ -236,6 +245,11 @@ impl Metrics {
             "persister_lag_messages",
             "EVENTS messages past the persister's stored position",
             self.persister_lag.clone(),
+        );
+        r.register(
+            "stored_messages_published",
+            "Stored events the persister published to STORED (each stored row once)",
+            self.stored_published.clone(),
         );
         r.register(
             "processor_runs",
@@ -312,6 +326,14 @@ impl Metrics {
         }
     }
 
+    /// Reports the backlog of every consumer of STORED (downstream teams' too) at every
+    /// scrape, as `event_consumer_pending_messages{stream="STORED",consumer=...}`.
+    pub fn watch_stored(&self, stream: Stream) {
+        if let Ok(mut sources) = self.sources.lock() {
+            sources.stored = Some(stream);
+        }
+    }
+
     /// Reports how many dead letters wait, per stage, at every scrape.
     pub fn watch_dead_letters(&self, stream: Stream) {
         if let Ok(mut sources) = self.sources.lock() {
@@ -337,17 +359,21 @@ impl Metrics {
     }
 
     async fn refresh(&self) {
-        let (consumers, persister, pool, dead_letters) = match self.sources.lock() {
+        let (consumers, persister, pool, dead_letters, stored) = match self.sources.lock() {
             Ok(sources) => (
                 sources.consumers.clone(),
                 sources.persister.clone(),
                 sources.pool.clone(),
                 sources.dead_letters.clone(),
+                sources.stored.clone(),
             ),
             Err(_) => return,
         };
         if let Some(stream) = dead_letters {
             self.count_dead_letters(&stream).await;
+        }
+        if let Some(stream) = stored {
+            self.report_stored_consumers(&stream).await;
         }
         for (stream, name, mut consumer) in consumers {
             let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(1), consumer.info()).await else { continue };
@@ -371,6 +397,30 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Sets the backlog of every consumer of STORED, and drops the gauges of one deleted since
+    /// the last scrape.
+    async fn report_stored_consumers(&self, stream: &Stream) {
+        let read = async {
+            let mut seen = Vec::new();
+            let mut infos = stream.consumers();
+            while let Some(Ok(info)) = futures::StreamExt::next(&mut infos).await {
+                let labels = ConsumerLabels { stream: STORED.to_owned(), consumer: info.name.clone() };
+                self.consumer_pending.get_or_create(&labels).set(info.num_pending as i64);
+                self.consumer_ack_pending.get_or_create(&labels).set(info.num_ack_pending as i64);
+                seen.push(info.name);
+            }
+            seen
+        };
+        let Ok(seen) = tokio::time::timeout(Duration::from_secs(1), read).await else { return };
+        let Ok(mut sources) = self.sources.lock() else { return };
+        for gone in sources.stored_consumers.iter().filter(|name| !seen.contains(name)) {
+            let labels = ConsumerLabels { stream: STORED.to_owned(), consumer: gone.clone() };
+            self.consumer_pending.remove(&labels);
+            self.consumer_ack_pending.remove(&labels);
+        }
+        sources.stored_consumers = seen;
+    }
+
     /// Sets the stored dead letters per stage from DEADLETTER's per-subject counts (every known
     /// stage gets a sample, 0 when it has none).
     async fn count_dead_letters(&self, stream: &Stream) {

@@ -42,6 +42,10 @@ pub struct NatsArgs {
     /// How long EVENTS keeps messages, in seconds (default 7 days).
     #[arg(long = "events-max-age-secs", env = "EVENT_EVENTS_MAX_AGE_SECS", default_value_t = 7 * 24 * 3600)]
     pub events_max_age_secs: u64,
+    /// How long STORED (the public stream of stored events) keeps messages, in seconds
+    /// (default 7 days).
+    #[arg(long = "stored-max-age-secs", env = "EVENT_STORED_MAX_AGE_SECS", default_value_t = 7 * 24 * 3600)]
+    pub stored_max_age_secs: u64,
 }
 
 /// How to reach PostgreSQL.

@@ -2,8 +2,8 @@
 //! idempotently (create or update) at start-up by every binary and by `event-service setup`.
 //!
 //! Reads the JSON files built into the binary; writes stream and consumer configurations.
-//! Guarantees: replicas come from the settings (1 on a laptop, 3 on a cluster) and EVENTS keeps
-//! messages for the configured max age; nothing else differs from the files.
+//! Guarantees: replicas come from the settings (1 on a laptop, 3 on a cluster) and EVENTS and STORED
+//! keep messages for their configured max ages; nothing else differs from the files.
 
 use std::time::Duration;
 
@@ -20,6 +20,9 @@ const STREAM_FILES: &[(&str, &str)] = &[
     (streams::DEADLETTER, include_str!("../../jetstream/streams/DEADLETTER.json")),
     (streams::JOBS, include_str!("../../jetstream/streams/JOBS.json")),
     (streams::DELIVERIES, include_str!("../../jetstream/streams/DELIVERIES.json")),
+    // After EVENT_SERVICE: a store from before STORED has EVENT_SERVICE on `event.>`, which
+    // must narrow before `event.stored.>` can belong to another stream.
+    (streams::STORED, include_str!("../../jetstream/streams/STORED.json")),
 ];
 
 /// Durable consumers, named after the stage that reads them.
@@ -46,6 +49,9 @@ pub async fn apply(bus: &Bus, settings: &NatsArgs) -> Result<(), BusError> {
         config.num_replicas = settings.replicas;
         if config.name == streams::EVENTS {
             config.max_age = Duration::from_secs(settings.events_max_age_secs);
+        }
+        if config.name == streams::STORED {
+            config.max_age = Duration::from_secs(settings.stored_max_age_secs);
         }
         let name = config.name.clone();
         bus.jetstream().create_or_update_stream(config).await.map_err(|source| BusError::Stream { name, source })?;
@@ -84,5 +90,49 @@ mod tests {
             let declared: ConsumerFile = serde_json::from_str(text).unwrap();
             assert_eq!(declared.config.durable_name.as_deref(), Some(*file));
         }
+    }
+
+    /// JetStream refuses two streams whose subjects overlap; each domain event has its stream.
+    #[test]
+    fn streams_do_not_overlap_and_cover_the_domain_events() {
+        use crate::wire::subjects::*;
+        let configs: Vec<stream::Config> =
+            STREAM_FILES.iter().map(|(_, text)| serde_json::from_str(text).unwrap()).collect();
+        let owner = |subject: &str| -> Vec<String> {
+            configs
+                .iter()
+                .filter(|config| config.subjects.iter().any(|filter| matches(filter, subject)))
+                .map(|config| config.name.clone())
+                .collect()
+        };
+        for subject in [
+            EVENT_PROCESSED_SUCCESS,
+            EVENT_PROCESSED_FAILED,
+            EVENT_REPLAY_STARTED,
+            EVENT_REPLAY_COMPLETED,
+            EVENT_SUBSCRIPTION_CREATED,
+            EVENT_SUBSCRIPTION_DISABLED,
+            EVENT_PROJECTION_CREATED,
+        ] {
+            assert_eq!(owner(subject), [streams::EVENT_SERVICE], "{subject}");
+        }
+        assert_eq!(owner(&stored_subject("backend", "order", "order.placed")), [streams::STORED]);
+        assert_eq!(owner(&event_subject("backend", "order", "order.placed")), [streams::EVENTS]);
+        let position = |name: &str| STREAM_FILES.iter().position(|(file, _)| *file == name);
+        assert!(position(streams::EVENT_SERVICE) < position(streams::STORED));
+    }
+
+    /// Whether a subject filter (with `*` and `>`) matches a literal subject.
+    fn matches(filter: &str, subject: &str) -> bool {
+        let mut tokens = subject.split('.');
+        for part in filter.split('.') {
+            match (part, tokens.next()) {
+                (">", Some(_)) => return true,
+                ("*", Some(_)) => {}
+                (part, Some(token)) if part == token => {}
+                _ => return false,
+            }
+        }
+        tokens.next().is_none()
     }
 }

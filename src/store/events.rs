@@ -1,5 +1,5 @@
-//! Reads of stored events: by id, by ids, an entity stream's events, and which of a set of ids
-//! are stored.
+//! Reads of stored events: by id, by ids, by EVENTS sequence, an entity stream's events, and
+//! which of a set of ids are stored.
 //!
 //! Reads `event.events` (by id only inside the ids' partitions, [`by_id`]), `event.event_ids` and
 //! `event.event_streams`; writes nothing. Guarantees: a row whose
@@ -100,6 +100,25 @@ pub async fn events_by_ids(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<StoredEven
     .bind(ids)
     .bind(span.first)
     .bind(span.last)
+    .fetch_all(pool)
+    .await
+}
+
+/// Stored events whose EVENTS sequence is in `(after, up_to]`, in that order, at most
+/// `limit` of them (what the persister publishes again to STORED after a crash).
+pub async fn events_in_sequence(
+    pool: &PgPool,
+    after: u64,
+    up_to: u64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {EVENT_COLUMNS} FROM event.events WHERE stream_seq > $1 AND stream_seq <= $2 \
+         ORDER BY stream_seq LIMIT $3"
+    )))
+    .bind(after as i64)
+    .bind(up_to as i64)
+    .bind(limit)
     .fetch_all(pool)
     .await
 }

@@ -6,7 +6,9 @@
 //! for as long as the event is retained (a redelivered event changes nothing); gapless stream versions in batch order; every rollup and the position move in the
 //! same transaction as the rows they count.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
 
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -20,10 +22,24 @@ use crate::domain::StreamId;
 #[derive(Debug)]
 pub enum InsertOutcome {
     /// Committed; these events were written now (the others were already stored).
-    Stored(HashSet<Uuid>),
+    Stored(Written),
     /// Another writer moved the position meanwhile; nothing was written. Read the position
     /// again and retry.
     Conflict,
+}
+
+/// The events one write stored now: their entity-stream versions (None outside a stream), and
+/// the time their rows were stored at (the transaction's).
+#[derive(Debug, Default)]
+pub struct Written {
+    pub versions: HashMap<Uuid, Option<i64>>,
+    pub stored_at: Option<DateTime<Utc>>,
+}
+
+impl Written {
+    pub fn contains(&self, event_id: &Uuid) -> bool {
+        self.versions.contains_key(event_id)
+    }
 }
 
 /// The stored ids among `$1`, from `event.event_ids` (one primary key for every partition of
@@ -35,28 +51,28 @@ pub(super) const STORED_AMONG: &str =
 
 /// Claims the batch's ids in `event.event_ids`, with the `stored_at` their rows get (`now()`,
 /// the transaction's time, the column's default), and returns the events whose id was free, in
-/// batch order (the first of two with one id). An id claimed by a writer that has not
+/// batch order (the first of two with one id), and the `stored_at`. An id claimed by a writer that has not
 /// committed yet waits for it: stored then, or free again if it rolled back.
 async fn claim_ids<'a>(
     tx: &mut Transaction<'_, Postgres>,
     batch: &[NewEvent<'a>],
-) -> Result<Vec<NewEvent<'a>>, sqlx::Error> {
+) -> Result<(Vec<NewEvent<'a>>, Option<DateTime<Utc>>), sqlx::Error> {
     if batch.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     let ids: Vec<Uuid> = batch.iter().map(|new| new.incoming.event.event_id).collect();
     // Neither sorted nor deduplicated: writers of a batch take turns on the position row
     // first, and DO NOTHING skips the second of two equal ids in one statement.
-    let mut claimed: HashSet<Uuid> = sqlx::query_scalar::<_, Uuid>(
+    let rows: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
         "INSERT INTO event.event_ids (event_id, stored_at) SELECT unnest($1::uuid[]), now() \
-         ON CONFLICT DO NOTHING RETURNING event_id",
+         ON CONFLICT DO NOTHING RETURNING event_id, stored_at",
     )
     .bind(&ids)
     .fetch_all(&mut **tx)
-    .await?
-    .into_iter()
-    .collect();
-    Ok(batch.iter().copied().filter(|new| claimed.remove(&new.incoming.event.event_id)).collect())
+    .await?;
+    let stored_at = rows.first().map(|(_, stored_at)| *stored_at);
+    let mut claimed: HashSet<Uuid> = rows.into_iter().map(|(id, _)| id).collect();
+    Ok((batch.iter().copied().filter(|new| claimed.remove(&new.incoming.event.event_id)).collect(), stored_at))
 }
 
 /// Stores a batch in one transaction, moving the stream position from `advance.from` to
@@ -71,12 +87,14 @@ pub async fn insert_batch(
     if let Some(advance) = advance {
         // Also locks the position row, so concurrent persisters take turns.
         let moved = sqlx::query(
-            "UPDATE event.persister_position SET last_seq = $3, updated_at = now()
+            "UPDATE event.persister_position
+             SET last_seq = $3, announced_seq = GREATEST(announced_seq, $4), updated_at = now()
              WHERE stream = $1 AND last_seq = $2",
         )
         .bind(advance.stream)
         .bind(advance.from as i64)
         .bind(advance.to as i64)
+        .bind(advance.announced as i64)
         .execute(&mut *tx)
         .await?;
         if moved.rows_affected() != 1 {
@@ -84,15 +102,16 @@ pub async fn insert_batch(
             return Ok(InsertOutcome::Conflict);
         }
     }
-    let fresh = claim_ids(&mut tx, batch).await?;
+    let (fresh, stored_at) = claim_ids(&mut tx, batch).await?;
+    let mut written = Written { versions: HashMap::with_capacity(fresh.len()), stored_at };
     if !fresh.is_empty() {
         let versions = assign_stream_versions(&mut tx, &fresh).await?;
         insert_events(&mut tx, &fresh, &versions).await?;
         rollups::add_events(&mut tx, &fresh).await?;
+        written.versions = fresh.iter().map(|new| new.incoming.event.event_id).zip(versions).collect();
     }
-    let seen = fresh.iter().map(|new| new.incoming.event.event_id).collect();
     tx.commit().await?;
-    Ok(InsertOutcome::Stored(seen))
+    Ok(InsertOutcome::Stored(written))
 }
 
 /// How many new events each touched stream gets, in stream id order.

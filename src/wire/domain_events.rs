@@ -1,9 +1,10 @@
-//! The service's own domain events on EVENT_SERVICE (`event.>`): every payload in one place,
+//! The service's own domain events on EVENT_SERVICE (`event.processed.>`, `event.replay.>`,
+//! `event.subscription.>`, `event.projection.>`): every payload in one place,
 //! with the subject it goes to and the `Nats-Msg-Id` that makes a repeated announcement land
 //! once. Stages build these; [`crate::infra::bus::Bus::announce`] publishes them.
 //!
 //! Reads nothing, writes nothing. Field names here are a contract with subscribers of
-//! `event.>`: renaming one is a breaking change.
+//! these subjects: renaming one is a breaking change.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -11,7 +12,7 @@ use uuid::Uuid;
 
 use super::message::Outgoing;
 use super::subjects;
-use crate::domain::{EventCategory, EventSource, EventTypePattern, StreamId};
+use crate::domain::{EventCategory, EventSource, EventTypePattern};
 
 /// A domain event: where it goes and the id that deduplicates it.
 pub trait DomainEvent: Serialize {
@@ -22,31 +23,6 @@ pub trait DomainEvent: Serialize {
     fn to_message(&self) -> Result<Outgoing, serde_json::Error> {
         let payload = serde_json::to_vec(self)?;
         Ok(Outgoing::with_id(self.subject().to_owned(), &self.message_id(), payload.into()))
-    }
-}
-
-/// `event.stored`: the persister stored an event (once per event; a redelivery repeats it
-/// with the same id).
-#[derive(Debug, Serialize)]
-pub struct Stored<'a> {
-    pub event_id: Uuid,
-    pub event_type: &'a str,
-    pub event_source: EventSource,
-    pub event_category: EventCategory,
-    pub user_id: Option<&'a str>,
-    pub stream_id: Option<&'a StreamId>,
-    pub stream_seq: u64,
-    pub timestamp: DateTime<Utc>,
-}
-
-impl DomainEvent for Stored<'_> {
-    fn subject(&self) -> &'static str {
-        subjects::EVENT_STORED
-    }
-
-    /// Distinct from the event's own message id, stable across redeliveries.
-    fn message_id(&self) -> String {
-        format!("stored.{}", self.event_id)
     }
 }
 
@@ -215,23 +191,6 @@ mod tests {
     #[test]
     fn announcements_are_keyed_for_dedupe() {
         let id = Uuid::now_v7();
-        let stored = Stored {
-            event_id: id,
-            event_type: "order.placed",
-            event_source: EventSource::Backend,
-            event_category: EventCategory::Order,
-            user_id: Some("u1"),
-            stream_id: None,
-            stream_seq: 42,
-            timestamp: Utc::now(),
-        };
-        let message = stored.to_message().unwrap();
-        assert_eq!(message.subject, "event.stored");
-        let msg_id = message.headers.get(async_nats::header::NATS_MESSAGE_ID).unwrap();
-        assert_eq!(msg_id.as_str(), format!("stored.{id}"));
-        let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
-        assert_eq!(body["stream_seq"], 42);
-        assert_eq!(body["event_source"], "backend");
         let failed = ProcessedFailed {
             event_id: id,
             event_type: "t",

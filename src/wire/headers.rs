@@ -9,6 +9,14 @@ pub const NOTIFY: &str = "Event-Service-Notify";
 /// came from NATS-native producers.
 pub const INGEST: &str = "Event-Service-Ingest";
 
+/// On a STORED message: the EVENTS sequence the event was stored from (also `stream_seq` in
+/// its payload), and the version of the payload's schema (`schemas/stored-event.v{N}.json`).
+pub const EVENTS_SEQUENCE: &str = "Event-Service-Events-Sequence";
+pub const SCHEMA_VERSION: &str = "Event-Service-Schema-Version";
+/// JetStream's optimistic concurrency check: stored only if the stream's last sequence is
+/// this one.
+pub const EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";
+
 /// On a dead-lettered message: a stable reason code, the human reason, the stage that refused
 /// it, and where the original was.
 pub const REASON_CODE: &str = "Event-Service-Reason-Code";

@@ -1,5 +1,5 @@
 //! The wire format between stages: stream and subject names, header names, the EVENTS
-//! message codec, the domain events on `event.>`, W3C trace context, and the [`Outgoing`]
+//! message codec, the domain events on `event.>`, the STORED stream's message, W3C trace context, and the [`Outgoing`]
 //! message they build.
 //! Nothing here does I/O; [`crate::infra::bus`] publishes what these modules build.
 
@@ -8,6 +8,7 @@ pub mod deliveries;
 pub mod domain_events;
 pub mod headers;
 pub mod message;
+pub mod stored;
 pub mod subjects;
 pub mod trace;
 

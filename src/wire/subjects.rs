@@ -8,8 +8,11 @@
 pub mod streams {
     /// What producers sent, the log every stage reads.
     pub const EVENTS: &str = "EVENTS";
-    /// The service's own domain events (`event.>`).
+    /// The service's own domain events (`event.processed.>`, `event.replay.>`, ...).
     pub const EVENT_SERVICE: &str = "EVENT_SERVICE";
+    /// Every stored event, as stored, in the persister's order (`event.stored.>`): the public
+    /// stream for downstream JetStream consumers.
+    pub const STORED: &str = "STORED";
     /// What a stage could not handle (`deadletter.{stage}`).
     pub const DEADLETTER: &str = "DEADLETTER";
     /// Replay jobs.
@@ -22,8 +25,8 @@ pub mod streams {
 pub const DEADLETTER_WILDCARD: &str = "deadletter.>";
 /// Subjects of the EVENTS stream.
 pub const EVENTS_WILDCARD: &str = "events.>";
-/// The domain event announcing a stored event.
-pub const EVENT_STORED: &str = "event.stored";
+/// Subjects of the STORED stream.
+pub const STORED_WILDCARD: &str = "event.stored.>";
 /// Domain events of the processor stage and of replays.
 pub const EVENT_PROCESSED_SUCCESS: &str = "event.processed.success";
 pub const EVENT_PROCESSED_FAILED: &str = "event.processed.failed";
@@ -61,9 +64,13 @@ pub fn delivery_subject(subscription_id: &str) -> String {
 
 /// Where a replay republishes an event for `target_service`.
 pub fn replay_subject(target_service: &str, source: &str, category: &str, event_type: &str) -> String {
-    let tail = event_subject(source, category, event_type);
-    let tail = tail.strip_prefix("events.").unwrap_or(&tail);
-    format!("replay.{}.{tail}", sanitize_token(target_service))
+    subject_of(&format!("replay.{}.", sanitize_token(target_service)), source, category, event_type)
+}
+
+/// Where the persister publishes a stored event (stream STORED):
+/// `event.stored.{source}.{category}.{type}`.
+pub fn stored_subject(source: &str, category: &str, event_type: &str) -> String {
+    subject_of("event.stored.", source, category, event_type)
 }
 
 /// Where a stage puts what it could not handle.
@@ -101,8 +108,13 @@ pub fn type_tokens(event_type: &str) -> String {
 
 /// `events.{source}.{category}.{type}`, with the event type's dots kept as token separators.
 pub fn event_subject(source: &str, category: &str, event_type: &str) -> String {
-    let mut subject = String::with_capacity(16 + source.len() + category.len() + event_type.len());
-    subject.push_str("events.");
+    subject_of("events.", source, category, event_type)
+}
+
+/// `{prefix}{source}.{category}.{type}`; `prefix` ends with a dot.
+fn subject_of(prefix: &str, source: &str, category: &str, event_type: &str) -> String {
+    let mut subject = String::with_capacity(prefix.len() + 8 + source.len() + category.len() + event_type.len());
+    subject.push_str(prefix);
     subject.push_str(&sanitize_token(source));
     subject.push('.');
     subject.push_str(&sanitize_token(category));
@@ -166,6 +178,8 @@ mod tests {
             "events.backend.user_lifecycle.user.registered"
         );
         assert_eq!(type_tokens("a b.c*"), "a_b.c_");
+        assert_eq!(stored_subject("backend", "order", "order.placed"), "event.stored.backend.order.order.placed");
+        assert_eq!(replay_subject("crm app", "backend", "order", "o.p"), "replay.crm_app.backend.order.o.p");
     }
 
     #[test]
@@ -198,7 +212,7 @@ mod tests {
     fn event_subjects_parse_back() {
         let (source, category, event_type) = parse_event_subject("events.backend.order.order.placed").unwrap();
         assert_eq!((source, category, event_type.as_str()), ("backend", "order", "order.placed"));
-        assert!(parse_event_subject("event.stored").is_none());
+        assert!(parse_event_subject("event.stored.backend.user_action.a").is_none());
         assert!(parse_event_subject("events.backend").is_none());
     }
 

@@ -196,7 +196,13 @@ impl Topology {
 async fn set_up(nats_url: &str, database_url: &str, replicas: usize) {
     use event_service::domain::Secret;
     use event_service::infra::settings::{DatabaseArgs, NatsArgs};
-    let nats = NatsArgs { nats_url: None, replicas, ack_timeout_ms: 5000, events_max_age_secs: 3600 };
+    let nats = NatsArgs {
+        nats_url: None,
+        replicas,
+        ack_timeout_ms: 5000,
+        events_max_age_secs: 3600,
+        stored_max_age_secs: 3600,
+    };
     let database = DatabaseArgs { database_url: None, max_connections: 2 };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -65,12 +65,16 @@ async fn create_answers_the_stored_event() {
     // The answer shows the times PostgreSQL keeps (microseconds), not finer ones.
     assert_eq!((&stored["timestamp"], &stored["created_at"]), (&created["timestamp"], &created["created_at"]));
 
-    // The announcement for other services.
-    let stream = app.js.get_stream("EVENT_SERVICE").await.unwrap();
-    let announced = stream.get_last_raw_message_by_subject("event.stored").await.unwrap();
+    // The stored event, on STORED for other services.
+    let stream = app.js.get_stream("STORED").await.unwrap();
+    let announced =
+        stream.get_last_raw_message_by_subject("event.stored.backend.user_lifecycle.user.registered").await.unwrap();
     let announced: Value = serde_json::from_slice(&announced.payload).unwrap();
     assert_eq!(announced["event_id"], id);
     assert_eq!(announced["event_type"], "user.registered");
+    assert_eq!(announced["stream_version"], 1);
+    assert_eq!(announced["stream_seq"], stored["stream_seq"]);
+    assert_eq!(announced["stored_at"], stored["stored_at"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,6 +156,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         nats_url: Some(Secret::new(nats_server.url.as_str())),
         replicas: 1,
         events_max_age_secs: 3600,
+        stored_max_age_secs: 3600,
         ack_timeout_ms: 2000,
     };
     let database_secret = Secret::new(database_url.clone());

@@ -21,12 +21,10 @@ pub(super) struct Envelope<'a> {
     pub payload: &'a Bytes,
     pub seq: u64,
     pub published: DateTime<Utc>,
-    /// Delivered before (or handled before, after an outage): its announcement may be lost.
-    pub redelivered: bool,
 }
 
 impl<'a> Envelope<'a> {
-    pub fn of(position: usize, message: &'a Message, attempt: u32) -> Result<Self, Rejection> {
+    pub fn of(position: usize, message: &'a Message) -> Result<Self, Rejection> {
         let info = message.info().map_err(|error| Rejection::new("no_metadata", error.to_string()))?;
         Ok(Envelope {
             position: Some(position),
@@ -35,7 +33,6 @@ impl<'a> Envelope<'a> {
             payload: &message.payload,
             seq: info.stream_sequence,
             published: info.published,
-            redelivered: info.delivered > 1 || attempt > 1,
         })
     }
 
@@ -94,8 +91,6 @@ impl<'a> From<&'a OwnedEnvelope> for Envelope<'a> {
             payload: &owned.payload,
             seq: owned.seq,
             published: owned.published,
-            // Its own delivery was lost, so any announcement of it may have been too.
-            redelivered: true,
         }
     }
 }

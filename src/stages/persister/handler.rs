@@ -1,7 +1,8 @@
 //! The persister's I/O shell: reads the position, fills gaps from the stream, writes the
-//! batch, announces what it stored. The decisions are [`super::plan`]'s.
+//! batch, publishes what it stored to STORED ([`super::announce`]). The decisions are
+//! [`super::plan`]'s.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
@@ -9,6 +10,7 @@ use bytes::Bytes;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::announce::{Announcer, Fresh};
 use super::envelope::{Envelope, OwnedEnvelope};
 use super::plan::{self, Plan};
 use super::{MAX_GAP_FILL, STAGE};
@@ -21,8 +23,8 @@ use crate::registry::processors::ProcessorRegistry;
 use crate::registry::schemas::{SchemaSet, Schemas};
 use crate::store::NewEvent;
 use crate::store::position::{self, Advance};
-use crate::store::write::{self, InsertOutcome};
-use crate::wire::domain_events::{DomainEvent, Stored};
+use crate::store::write::{self, InsertOutcome, Written};
+use crate::wire::stored::StoredRecord;
 use crate::wire::subjects::{self, streams};
 use crate::wire::{Incoming, Rejection};
 
@@ -34,14 +36,20 @@ pub(super) struct Handler {
     pub processors: std::sync::Arc<ProcessorRegistry>,
     pub schemas: std::sync::Arc<Registry<Schemas>>,
     pub retention_days: Option<u32>,
+    pub announcer: Announcer,
 }
 
-/// An event stored (now or before) to announce and report.
+/// An event stored (now or before) to report to the gateway waiting for it.
 struct Done<'a> {
     position: Option<usize>,
-    incoming: Incoming,
-    redelivered: bool,
+    event_id: Uuid,
     notify: Option<&'a str>,
+}
+
+/// What one write stored: its rows, and whether they are all of the range it covered.
+struct Write {
+    written: Written,
+    complete: bool,
 }
 
 /// An event to store: where it came from, what it is, the status it starts in.
@@ -62,7 +70,7 @@ impl BatchHandler for Handler {
         let mut outcomes = vec![Outcome::Ack; batch.messages.len()];
         let mut envelopes = Vec::with_capacity(batch.messages.len());
         for (position, message) in batch.messages.iter().enumerate() {
-            match Envelope::of(position, message, batch.attempt) {
+            match Envelope::of(position, message) {
                 Ok(envelope) => envelopes.push(envelope),
                 Err(rejection) => outcomes[position] = Outcome::Reject(rejection),
             }
@@ -79,6 +87,7 @@ impl BatchHandler for Handler {
     /// consumer would hand them out again only after the ack wait. When nothing arrives but
     /// EVENTS holds more than is stored, read the rest from the stream directly.
     async fn idle(&self) {
+        self.announcer.record().await;
         let Ok(info) = self.events.get_info().await else { return };
         let Ok(stored) = position::persisted_position(&self.pool, streams::EVENTS).await else { return };
         let last = info.state.last_sequence;
@@ -115,7 +124,8 @@ impl Handler {
             set(&mut outcomes, envelopes[index].position, Outcome::Retry { after: Duration::ZERO });
         }
         let Some(advance_to) = advance_to else {
-            self.finish(&done, &HashSet::new(), &mut outcomes).await;
+            let nothing = Fresh { records: Vec::new(), complete: true };
+            self.finish(&done, (stored_up_to, stored_up_to, nothing), &mut outcomes).await;
             return Ok(Attempt::Finished(outcomes));
         };
         let filled = self.read_missing(&missing).await?;
@@ -123,8 +133,9 @@ impl Handler {
         let mut ordered: Vec<&Envelope> = store.iter().map(|&index| &envelopes[index]).chain(&filled).collect();
         ordered.sort_by_key(|envelope| envelope.seq);
         let to_store = self.decode_all(ordered, &mut outcomes).await?;
-        let advance = Advance { stream: streams::EVENTS, from: stored_up_to, to: advance_to };
-        let Some(new_ids) = self.write(&to_store, advance, &mut outcomes).await? else {
+        let announced = self.announcer.known();
+        let advance = Advance { stream: streams::EVENTS, from: stored_up_to, to: advance_to, announced };
+        let Some(Write { written, complete }) = self.write(&to_store, advance, &mut outcomes).await? else {
             return Ok(Attempt::Again);
         };
         // The stages that wait for rows (processor, projector) go on now. Best effort: they
@@ -134,19 +145,20 @@ impl Handler {
         }
         let native = to_store
             .iter()
-            .filter(|(envelope, incoming, _)| !envelope.ingested() && new_ids.contains(&incoming.event.event_id))
+            .filter(|(envelope, incoming, _)| !envelope.ingested() && written.contains(&incoming.event.event_id))
             .count();
         if native > 0 {
             self.bus.metrics().accepted("nats", native);
         }
-        for (envelope, incoming, _) in to_store {
+        let records = fresh_records(&to_store, &written);
+        for (envelope, incoming, _) in &to_store {
             if envelope.position.is_some_and(|position| outcomes[position] != Outcome::Ack) {
                 continue;
             }
             let notify = envelope.notify();
-            done.push(Done { position: envelope.position, incoming, redelivered: envelope.redelivered, notify });
+            done.push(Done { position: envelope.position, event_id: incoming.event.event_id, notify });
         }
-        self.finish(&done, &new_ids, &mut outcomes).await;
+        self.finish(&done, (stored_up_to, advance_to, Fresh { records, complete }), &mut outcomes).await;
         Ok(Attempt::Finished(outcomes))
     }
 
@@ -230,11 +242,11 @@ impl Handler {
         to_store: &[ToStore<'_, '_>],
         advance: Advance<'_>,
         outcomes: &mut [Outcome],
-    ) -> Result<Option<HashSet<Uuid>>, Transient> {
+    ) -> Result<Option<Write>, Transient> {
         let rows: Vec<NewEvent> =
             to_store.iter().map(|(_, incoming, status)| NewEvent { incoming, status: *status }).collect();
         match write::insert_batch(&self.pool, &rows, Some(advance)).await {
-            Ok(InsertOutcome::Stored(new_ids)) => Ok(Some(new_ids)),
+            Ok(InsertOutcome::Stored(written)) => Ok(Some(Write { written, complete: true })),
             Ok(InsertOutcome::Conflict) => Ok(None),
             Err(error) if db::is_missing_partition(&error) => {
                 super::retention::maintain(&self.pool, &self.bus, self.retention_days).await;
@@ -246,19 +258,21 @@ impl Handler {
     }
 
     /// A batch PostgreSQL refuses for its content: store the events one by one so that only
-    /// the offending ones are rejected, then move the position past all of them.
+    /// the offending ones are rejected, then move the position past all of them. A crash in
+    /// between leaves rows an attempt after it does not write, so what goes to STORED is read
+    /// back from the rows ([`Write::complete`] is false).
     async fn store_one_by_one(
         &self,
         to_store: &[ToStore<'_, '_>],
         advance: Advance<'_>,
         outcomes: &mut [Outcome],
         error: sqlx::Error,
-    ) -> Result<Option<HashSet<Uuid>>, Transient> {
+    ) -> Result<Option<Write>, Transient> {
         tracing::warn!(stage = STAGE, error = %error, "batch refused; storing events one by one");
-        let mut new_ids = HashSet::new();
+        let mut written = Written::default();
         for (envelope, incoming, status) in to_store {
             match write::insert_batch(&self.pool, &[NewEvent { incoming, status: *status }], None).await {
-                Ok(InsertOutcome::Stored(ids)) => new_ids.extend(ids),
+                Ok(InsertOutcome::Stored(one)) => written.versions.extend(one.versions),
                 Ok(InsertOutcome::Conflict) => return Ok(None),
                 Err(error) if db::is_transient(&error) => return Err(Transient::new("cannot store an event", error)),
                 Err(error) => {
@@ -267,47 +281,24 @@ impl Handler {
             }
         }
         match write::insert_batch(&self.pool, &[], Some(advance)).await {
-            Ok(InsertOutcome::Stored(_)) => Ok(Some(new_ids)),
+            Ok(InsertOutcome::Stored(_)) => Ok(Some(Write { written, complete: false })),
             Ok(InsertOutcome::Conflict) => Ok(None),
             Err(error) => Err(Transient::new("cannot move the persister position", error)),
         }
     }
 
-    async fn finish(&self, done: &[Done<'_>], new_ids: &HashSet<Uuid>, outcomes: &mut [Outcome]) {
-        self.announce(done, new_ids, outcomes).await;
+    /// Publishes what is stored to STORED, then tells the gateways. `range` is the position
+    /// before and after this attempt, and the rows it wrote. A failed publish holds every
+    /// message of the batch: nothing is acked before its row is on STORED.
+    async fn finish(&self, done: &[Done<'_>], range: (u64, u64, Fresh<'_>), outcomes: &mut [Outcome]) {
+        let (from, to, fresh) = range;
+        if let Err(error) = self.announcer.announce(from, to, fresh).await {
+            tracing::warn!(stage = STAGE, error = %error, "cannot publish to STORED; will try again");
+            for outcome in outcomes.iter_mut().filter(|outcome| **outcome == Outcome::Ack) {
+                *outcome = Outcome::Retry { after: Duration::from_secs(1) };
+            }
+        }
         self.notify_gateways(done, outcomes).await;
-    }
-
-    /// Publishes `event.stored`. A failed announcement NAKs the message: its redelivery finds
-    /// the row and announces again.
-    async fn announce(&self, done: &[Done<'_>], new_ids: &HashSet<Uuid>, outcomes: &mut [Outcome]) {
-        let mut positions = Vec::new();
-        let mut messages = Vec::new();
-        for item in done {
-            let event = &item.incoming.event;
-            if !plan::announce(new_ids.contains(&event.event_id), item.redelivered) {
-                continue;
-            }
-            let stored = Stored {
-                event_id: event.event_id,
-                event_type: &event.event_type,
-                event_source: event.event_source,
-                event_category: event.event_category,
-                user_id: event.user_id.as_deref(),
-                stream_id: event.stream_id.as_ref(),
-                stream_seq: item.incoming.stream_seq,
-                timestamp: event.timestamp,
-            };
-            let Ok(message) = stored.to_message() else { continue };
-            positions.push(item.position);
-            messages.push(message);
-        }
-        for (position, result) in positions.into_iter().zip(self.bus.publish_all(messages).await) {
-            if let Err(error) = result {
-                tracing::warn!(stage = STAGE, error = %error, "cannot publish event.stored; will redeliver");
-                set(outcomes, position, Outcome::Retry { after: Duration::from_secs(1) });
-            }
-        }
     }
 
     /// Tells each waiting gateway which of its events are stored (read-your-writes). Best
@@ -319,7 +310,7 @@ impl Handler {
                 continue;
             }
             if let Some(notify) = item.notify {
-                by_subject.entry(notify).or_default().push(item.incoming.event.event_id);
+                by_subject.entry(notify).or_default().push(item.event_id);
             }
         }
         for (notify, ids) in by_subject {
@@ -331,8 +322,26 @@ impl Handler {
     }
 }
 
+/// The rows a write stored now, in EVENTS order, as STORED publishes them.
+fn fresh_records<'e>(to_store: &'e [ToStore<'_, '_>], written: &Written) -> Vec<StoredRecord<'e>> {
+    let Some(stored_at) = written.stored_at else { return Vec::new() };
+    to_store
+        .iter()
+        .filter_map(|(_, incoming, _)| {
+            let stream_version = *written.versions.get(&incoming.event.event_id)?;
+            Some(StoredRecord {
+                event: &incoming.event,
+                stream_version,
+                stream_seq: incoming.stream_seq,
+                stored_at,
+                trace: Some(&incoming.trace),
+            })
+        })
+        .collect()
+}
+
 /// Answers for an already-stored redelivery: poison is rejected again (its first dead-letter
-/// may have failed), the rest is announced and reported again.
+/// may have failed), the rest is reported again to its gateway.
 fn answer_for<'a>(
     envelope: &Envelope<'a>,
     decoded: Result<Incoming, Rejection>,
@@ -342,8 +351,7 @@ fn answer_for<'a>(
     match decoded {
         Ok(incoming) => done.push(Done {
             position: envelope.position,
-            incoming,
-            redelivered: envelope.redelivered,
+            event_id: incoming.event.event_id,
             notify: envelope.notify(),
         }),
         Err(rejection) => set(outcomes, envelope.position, Outcome::Reject(rejection)),

@@ -5,7 +5,8 @@
 //! checked the others before publishing). Writes
 //! `event.events`, stream versions, rollups and its stream position (one transaction per
 //! batch), then the position on `_EVSVC.persisted` (core NATS, for
-//! [`crate::stages::watermark`]), then `event.stored` on EVENT_SERVICE, then tells waiting
+//! [`crate::stages::watermark`]), then every stored row to STORED ([`announce`]: the public
+//! stream of stored events, `event.stored.{source}.{category}.{type}`), then tells waiting
 //! gateways (core NATS) that their events are stored, then its outcomes go to the consume loop.
 //!
 //! Guarantees:
@@ -14,7 +15,8 @@
 //!   in the same write, instead of being rewritten a moment later. Where the registry changes
 //!   in between, the processor stage's view wins: it runs what matches then and writes the
 //!   status itself.
-//! - An event is acked only after its row is committed and its `event.stored` acknowledged.
+//! - An event is acked only after its row is committed and its STORED message acknowledged.
+//!   STORED holds each stored row once, in EVENTS order, whatever crashed when.
 //!   Storing is idempotent by event id; what cannot be parsed or validated goes to
 //!   `deadletter.persister`.
 //! - Events are stored strictly in JetStream sequence order, so entity-stream versions follow
@@ -27,6 +29,7 @@
 //!   does when the day has no partition yet, after creating it ([`retention`], which also
 //!   drops the partitions past `EVENT_RETENTION_DAYS`).
 
+mod announce;
 mod envelope;
 mod handler;
 pub mod plan;
@@ -87,7 +90,9 @@ impl Persister {
         let processors = Registry::load(pool.clone(), Processors { guard: Guard::default() }).await?;
         let schemas = Registry::load(pool.clone(), Schemas).await?;
         bus.metrics().watch_persister(events.clone(), pool.clone());
-        let handler = Handler { pool, bus, events, processors, schemas, retention_days: settings.retention_days };
+        let announcer = announce::Announcer::build(pool.clone(), bus.clone()).await?;
+        let retention_days = settings.retention_days;
+        let handler = Handler { pool, bus, events, processors, schemas, retention_days, announcer };
         Ok(Self { consume, handler, retention_days: settings.retention_days })
     }
 

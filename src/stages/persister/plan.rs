@@ -1,4 +1,5 @@
-//! The persister's decisions, as pure functions of where the store is and what arrived.
+//! The persister's decisions, as pure functions of where the store and STORED are and what
+//! arrived.
 //!
 //! Reads nothing, writes nothing.
 
@@ -50,11 +51,24 @@ pub fn initial_status(taken_by_a_processor: bool) -> EventStatus {
     if taken_by_a_processor { EventStatus::Pending } else { EventStatus::Processed }
 }
 
-/// Whether `event.stored` goes out for an event: when it was written now, and again when its
-/// message came back (the first announcement may have been lost in a crash; the repeat has
-/// the same message id, so subscribers of `event.stored` see it once).
-pub fn announce(written_now: bool, redelivered: bool) -> bool {
-    written_now || redelivered
+/// Where STORED ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// STORED's last sequence: the next message is published expecting it.
+    pub stored_last: u64,
+    /// Every stored row whose EVENTS sequence is at or below this one is on STORED.
+    pub through: u64,
+}
+
+/// From where the persister publishes to STORED after a restart: the EVENTS sequence on
+/// STORED's last message (`on_stored`) when there is one, else what was `recorded` in
+/// PostgreSQL. Never beyond the stored position: a STORED message from beyond it means EVENTS
+/// was recreated and numbers anew, and then only the recorded position (reset with it) holds.
+pub fn stored_resume_point(on_stored: Option<u64>, recorded: u64, stored_position: u64) -> u64 {
+    match on_stored {
+        Some(last) if last <= stored_position => last.max(recorded).min(stored_position),
+        _ => recorded.min(stored_position),
+    }
 }
 
 #[cfg(test)]
@@ -106,6 +120,16 @@ mod tests {
     fn status_and_announcements() {
         assert_eq!(initial_status(true), EventStatus::Pending);
         assert_eq!(initial_status(false), EventStatus::Processed);
-        assert!(announce(true, false) && announce(false, true) && !announce(false, false));
+    }
+
+    #[test]
+    fn stored_resumes_after_its_last_message() {
+        // STORED's last message knows best; the recorded position lags behind it.
+        assert_eq!(stored_resume_point(Some(90), 80, 100), 90);
+        // Every message expired: the recorded position.
+        assert_eq!(stored_resume_point(None, 80, 100), 80);
+        // EVENTS recreated: STORED's last message is from the old numbering.
+        assert_eq!(stored_resume_point(Some(5_000), 0, 100), 0);
+        assert_eq!(stored_resume_point(None, 500, 100), 100);
     }
 }

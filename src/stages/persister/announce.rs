@@ -1,0 +1,183 @@
+//! The persister's publisher of STORED: every stored row once, in EVENTS-sequence order.
+//!
+//! Reads STORED's end (its last sequence and the EVENTS sequence its last message carries),
+//! `event.persister_position.announced_seq` and, after a crash or a failed publish, the rows
+//! still to publish (`event.events` by `stream_seq`). Writes STORED.
+//!
+//! Guarantees: each message is published with `Nats-Expected-Last-Sequence`, so STORED only
+//! ever grows by the next row in order: a lost publish fails every one after it instead of
+//! leaving a hole, and two persisters can never interleave. What follows a failure is
+//! published again from the rows, starting where STORED ends, so a message is never repeated
+//! however long the persister was down (the duplicate window is only a second line).
+
+use std::sync::Mutex;
+
+use async_nats::jetstream::stream::Stream;
+use sqlx::PgPool;
+
+use super::STAGE;
+use super::plan::{self, Cursor};
+use crate::infra::bus::{Bus, BusError};
+use crate::infra::consume::Transient;
+use crate::store::{events, position};
+use crate::wire::stored::StoredRecord;
+use crate::wire::subjects::streams;
+use crate::wire::{Outgoing, headers};
+
+/// Rows read per round when publishing again from PostgreSQL.
+const CATCH_UP_ROWS: i64 = 1_000;
+
+pub(super) struct Announcer {
+    pool: PgPool,
+    bus: Bus,
+    stored: Stream,
+    /// Where STORED ends, as this instance last published; `None` when it must look.
+    cursor: Mutex<Option<Cursor>>,
+}
+
+/// The rows of one write, to publish as they are (no need to read them back).
+pub(super) struct Fresh<'a> {
+    pub records: Vec<StoredRecord<'a>>,
+    /// Every row the write stored in its range is in `records` (storing one by one may have
+    /// left rows of an earlier attempt).
+    pub complete: bool,
+}
+
+impl Announcer {
+    pub async fn build(pool: PgPool, bus: Bus) -> Result<Self, BusError> {
+        let stored = bus
+            .jetstream()
+            .get_stream(streams::STORED)
+            .await
+            .map_err(|source| BusError::StreamLookup { name: streams::STORED.to_owned(), source })?;
+        bus.metrics().watch_stored(stored.clone());
+        Ok(Self { pool, bus, stored, cursor: Mutex::new(None) })
+    }
+
+    /// Publishes every row stored up to `to`, given that the rows up to `from` were stored
+    /// before this write and `fresh` holds the write's rows `(from, to]`.
+    pub async fn announce(&self, from: u64, to: u64, fresh: Fresh<'_>) -> Result<(), Transient> {
+        let cached = self.cursor.lock().ok().and_then(|cursor| *cursor);
+        let mut cursor = match cached {
+            Some(cursor) if cursor.through == from => cursor,
+            _ => self.find_end(from).await?,
+        };
+        if cursor.through < to {
+            let result = if cursor.through == from && fresh.complete {
+                self.publish(cursor, &fresh.records, to).await
+            } else {
+                self.catch_up(cursor, to).await
+            };
+            cursor = match result {
+                Ok(cursor) => cursor,
+                Err(error) => {
+                    self.set(None);
+                    return Err(error);
+                }
+            };
+        }
+        self.set(Some(cursor));
+        Ok(())
+    }
+
+    /// Records how far STORED holds the rows, for when its messages have all expired.
+    pub async fn record(&self) {
+        let Some(cursor) = self.cursor.lock().ok().and_then(|cursor| *cursor) else { return };
+        if let Err(error) = position::record_announced(&self.pool, streams::EVENTS, cursor.through).await {
+            tracing::debug!(stage = STAGE, error = %error, "cannot record the STORED position");
+        }
+    }
+
+    /// How far STORED holds the rows, as this instance knows it (0: it must look).
+    pub fn known(&self) -> u64 {
+        self.cursor.lock().ok().and_then(|cursor| *cursor).map_or(0, |cursor| cursor.through)
+    }
+
+    fn set(&self, cursor: Option<Cursor>) {
+        if let Ok(mut slot) = self.cursor.lock() {
+            *slot = cursor;
+        }
+    }
+
+    /// Where STORED ends: its last sequence, and the EVENTS sequence of its last message (the
+    /// recorded position when STORED holds none, or when EVENTS was recreated since).
+    async fn find_end(&self, stored_position: u64) -> Result<Cursor, Transient> {
+        let unreadable = |error: async_nats::Error| Transient::new("cannot read where STORED ends", error);
+        let info = self.stored.get_info().await.map_err(|error| unreadable(error.into()))?;
+        let last = info.state.last_sequence;
+        let on_stored = if info.state.messages == 0 {
+            None
+        } else {
+            match self.stored.direct_get(last).await {
+                Ok(message) => {
+                    message.headers.get(headers::EVENTS_SEQUENCE).and_then(|value| value.as_str().parse::<u64>().ok())
+                }
+                Err(error) if error.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => None,
+                Err(error) => return Err(unreadable(error.into())),
+            }
+        };
+        let recorded = position::announced_position(&self.pool, streams::EVENTS)
+            .await
+            .map_err(|error| Transient::new("cannot read the STORED position", error))?;
+        let through = plan::stored_resume_point(on_stored, recorded, stored_position);
+        tracing::info!(stage = STAGE, stored_last = last, through, "found where STORED ends");
+        Ok(Cursor { stored_last: last, through })
+    }
+
+    /// Publishes the stored rows `(cursor.through, to]`, read back from PostgreSQL.
+    async fn catch_up(&self, mut cursor: Cursor, to: u64) -> Result<Cursor, Transient> {
+        while cursor.through < to {
+            let rows = events::events_in_sequence(&self.pool, cursor.through, to, CATCH_UP_ROWS)
+                .await
+                .map_err(|error| Transient::new("cannot read the rows to publish to STORED", error))?;
+            let full = rows.len() as i64 == CATCH_UP_ROWS;
+            let events: Vec<_> = rows.iter().map(|row| row.to_event()).collect();
+            let records: Vec<StoredRecord> = rows
+                .iter()
+                .zip(&events)
+                .map(|(row, event)| StoredRecord {
+                    event,
+                    stream_version: row.stream_version,
+                    stream_seq: row.stream_seq.max(0) as u64,
+                    stored_at: row.stored_at,
+                    trace: None,
+                })
+                .collect();
+            if !records.is_empty() {
+                tracing::info!(
+                    stage = STAGE,
+                    from = cursor.through,
+                    count = records.len(),
+                    "publishing to STORED again"
+                );
+            }
+            let through = match (full, records.last()) {
+                (true, Some(last)) => last.stream_seq,
+                _ => to,
+            };
+            cursor = self.publish(cursor, &records, through).await?;
+        }
+        Ok(cursor)
+    }
+
+    /// Publishes `records` (in EVENTS-sequence order, every row up to `through` after
+    /// `cursor.through`) right after STORED's last message.
+    async fn publish(&self, cursor: Cursor, records: &[StoredRecord<'_>], through: u64) -> Result<Cursor, Transient> {
+        let mut messages = Vec::with_capacity(records.len());
+        for (index, record) in records.iter().enumerate() {
+            let message: Outgoing = record
+                .to_message(cursor.stored_last + index as u64)
+                .map_err(|error| Transient::new("cannot encode a STORED message", error))?;
+            messages.push(message);
+        }
+        let mut last = cursor.stored_last;
+        for result in self.bus.publish_all(messages).await {
+            match result {
+                Ok(ack) => last = ack.sequence.max(last),
+                Err(error) => return Err(Transient::new("cannot publish to STORED", error)),
+            }
+        }
+        self.bus.metrics().stored_published.inc_by(records.len() as u64);
+        Ok(Cursor { stored_last: last, through })
+    }
+}
