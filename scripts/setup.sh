@@ -9,7 +9,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 NATS_SERVER_VERSION=2.15.1
 # The real clients the tests drive, pinned.
 PY_CLIENTS=(rudder-sdk-python==2.1.9 segment-analytics-python==2.4.0 cloudevents==2.2.0 httpx==0.28.1
-  prometheus-client==0.26.0 httpx-sse==0.4.3)
+  prometheus-client==0.26.0 httpx-sse==0.4.3 nats-py==2.16.0)
 
 ensure_nats_server() {
   if [ -n "${NATS_SERVER_BIN:-}" ] && [ -x "${NATS_SERVER_BIN}" ]; then
@@ -41,7 +41,7 @@ as_root() {
 
 ensure_python_clients() {
   local venv="$ROOT/.tools/pyclients"
-  if ! "$venv/bin/python" -c 'import rudderstack.analytics, segment.analytics, cloudevents.core, httpx, prometheus_client, httpx_sse' 2>/dev/null; then
+  if ! "$venv/bin/python" -c 'import rudderstack.analytics, segment.analytics, cloudevents.core, httpx, prometheus_client, httpx_sse, nats' 2>/dev/null; then
     echo "==> installing the Python SDKs the tests run into .tools/pyclients"
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check "${PY_CLIENTS[@]}"

@@ -54,6 +54,26 @@ pub async fn verify(topology: &Topology, sent: Sent, fault: &str, tag: &str) -> 
     let duplicates = stored.len() - distinct.len();
     assert_eq!(duplicates, 0, "{fault}: events stored twice");
 
+    // STORED, the public stream: each stored row of the round once, in EVENTS order, whatever
+    // was killed (the persister's kill -9 is one of the faults).
+    let rows: Vec<(Uuid, i64)> =
+        sqlx::query_as("SELECT event_id, stream_seq FROM event.events WHERE event_type LIKE $1 ORDER BY stream_seq")
+            .bind(&types)
+            .fetch_all(pool)
+            .await
+            .expect("rows");
+    let on_stored = wait(topology, "STORED holds every stored row", || async {
+        let got = read_stored(&topology.nats.url(), tag).await?;
+        (got.len() >= rows.len()).then_some(got)
+    })
+    .await;
+    assert!(
+        on_stored == rows,
+        "{fault}: STORED has {} messages for {} rows, or another order",
+        on_stored.len(),
+        rows.len()
+    );
+
     // Entity streams: versions 1..n, no gap, no repeat.
     let streams: Vec<(String, i64, i64, i64)> = sqlx::query_as(
         "SELECT stream_id, count(*), min(stream_version), max(stream_version) FROM event.events \
@@ -129,6 +149,24 @@ pub async fn verify(topology: &Topology, sent: Sent, fault: &str, tag: &str) -> 
         redelivered,
         caught_up: started.elapsed(),
     }
+}
+
+/// The round's messages on STORED, in order: (event id, EVENTS sequence) from each payload.
+async fn read_stored(url: &str, tag: &str) -> Option<Vec<(Uuid, i64)>> {
+    use async_nats::jetstream::consumer::pull::OrderedConfig;
+    use futures::StreamExt;
+    let servers: Vec<&str> = url.split(',').collect();
+    let jetstream = async_nats::jetstream::new(async_nats::connect(servers.as_slice()).await.ok()?);
+    let stream = jetstream.get_stream("STORED").await.ok()?;
+    let filter_subject = format!("event.stored.*.*.fault.{tag}.>");
+    let consumer = stream.create_consumer(OrderedConfig { filter_subject, ..Default::default() }).await.ok()?;
+    let mut messages = consumer.messages().await.ok()?;
+    let mut got = Vec::new();
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
+        let event: Value = serde_json::from_slice(&message.payload).ok()?;
+        got.push((event["event_id"].as_str()?.parse().ok()?, event["stream_seq"].as_i64()?));
+    }
+    Some(got)
 }
 
 /// Polls `check` until it answers, or fails the test after [`CATCH_UP`].

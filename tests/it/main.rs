@@ -21,5 +21,6 @@ mod replay;
 mod resilience;
 mod retention;
 mod schemas;
+mod stored;
 mod subscriptions;
 mod tracking;

@@ -11,6 +11,7 @@
 //! however long the persister was down (the duplicate window is only a second line).
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_nats::jetstream::stream::Stream;
 use sqlx::PgPool;
@@ -33,6 +34,8 @@ pub(super) struct Announcer {
     stored: Stream,
     /// Where STORED ends, as this instance last published; `None` when it must look.
     cursor: Mutex<Option<Cursor>>,
+    /// What [`Announcer::record`] last wrote.
+    recorded: AtomicU64,
 }
 
 /// The rows of one write, to publish as they are (no need to read them back).
@@ -51,7 +54,7 @@ impl Announcer {
             .await
             .map_err(|source| BusError::StreamLookup { name: streams::STORED.to_owned(), source })?;
         bus.metrics().watch_stored(stored.clone());
-        Ok(Self { pool, bus, stored, cursor: Mutex::new(None) })
+        Ok(Self { pool, bus, stored, cursor: Mutex::new(None), recorded: AtomicU64::new(0) })
     }
 
     /// Publishes every row stored up to `to`, given that the rows up to `from` were stored
@@ -82,9 +85,13 @@ impl Announcer {
 
     /// Records how far STORED holds the rows, for when its messages have all expired.
     pub async fn record(&self) {
-        let Some(cursor) = self.cursor.lock().ok().and_then(|cursor| *cursor) else { return };
-        if let Err(error) = position::record_announced(&self.pool, streams::EVENTS, cursor.through).await {
-            tracing::debug!(stage = STAGE, error = %error, "cannot record the STORED position");
+        let through = self.known();
+        if through <= self.recorded.load(Ordering::Relaxed) {
+            return;
+        }
+        match position::record_announced(&self.pool, streams::EVENTS, through).await {
+            Ok(()) => self.recorded.store(through, Ordering::Relaxed),
+            Err(error) => tracing::debug!(stage = STAGE, error = %error, "cannot record the STORED position"),
         }
     }
 

@@ -86,10 +86,18 @@ impl BatchHandler for Handler {
     /// A pull request of a stopped or crashed instance may have taken messages with it; the
     /// consumer would hand them out again only after the ack wait. When nothing arrives but
     /// EVENTS holds more than is stored, read the rest from the stream directly.
+    /// Also finishes STORED after a restart or a failed publish without waiting for the
+    /// redeliveries, and records how far it got.
     async fn idle(&self) {
+        let Ok(stored) = position::persisted_position(&self.pool, streams::EVENTS).await else { return };
+        if self.announcer.known() < stored {
+            let nothing = Fresh { records: Vec::new(), complete: true };
+            if let Err(error) = self.announcer.announce(stored, stored, nothing).await {
+                tracing::warn!(stage = STAGE, error = %error, "cannot publish to STORED; trying again when idle");
+            }
+        }
         self.announcer.record().await;
         let Ok(info) = self.events.get_info().await else { return };
-        let Ok(stored) = position::persisted_position(&self.pool, streams::EVENTS).await else { return };
         let last = info.state.last_sequence;
         if last > stored {
             tracing::info!(stage = STAGE, position = stored, stream_last = last, "catching up from the stream");

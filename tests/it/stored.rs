@@ -1,0 +1,129 @@
+//! STORED, the public stream of stored events, read the way the README tells a downstream
+//! team to: the README's own nats-py example (`examples/stored_consumer.py`), unmodified, with
+//! a durable consumer of its own.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::clients::python;
+use crate::harness::{TestApp, spawn_app, wait_until};
+
+/// Sends events `range` as one batch of `order.*` events, answered once JetStream holds them.
+async fn send(app: &TestApp, range: std::ops::Range<usize>) {
+    let batch: Vec<Value> = range
+        .map(|i| {
+            json!({
+                "event_type": if i % 2 == 0 { "order.placed" } else { "order.paid" },
+                "event_source": "backend",
+                "event_category": "order",
+                "stream_id": format!("order:{}", i % 7),
+                "data": {"n": i},
+            })
+        })
+        .collect();
+    let response = app
+        .http
+        .post(app.url("/api/v1/events/batch"))
+        .header("Prefer", "respond-async")
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+}
+
+/// The stored `order.*` rows, in EVENTS order.
+async fn stored_rows(app: &TestApp) -> Vec<(String, i64)> {
+    sqlx::query_as(
+        "SELECT event_id::text, stream_seq FROM event.events WHERE event_type LIKE 'order.%' ORDER BY stream_seq",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
+async fn stored_messages(app: &TestApp) -> u64 {
+    app.js.get_stream("STORED").await.unwrap().get_info().await.unwrap().state.messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downstream_consumer_gets_every_stored_event_once_in_order_across_a_persister_crash() {
+    let mut app = spawn_app().await;
+    send(&app, 0..50).await;
+    // A NATS-native producer's message the persister refuses, and one it takes.
+    app.publish("events.backend.order.order.broken", async_nats::HeaderMap::new(), b"{not json".to_vec()).await;
+    let native = json!({"event_type": "order.native", "data": {"n": -1}}).to_string().into_bytes();
+    app.publish("events.backend.order.order.native", async_nats::HeaderMap::new(), native).await;
+    app.wait_for_events(51, Duration::from_secs(30)).await;
+    app.wait_for_dead_letters(1).await;
+
+    // STORED stops taking messages: the rows are stored, their STORED messages fail and the
+    // persister holds them.
+    let mut stored = app.js.get_stream("STORED").await.unwrap();
+    let mut config = stored.info().await.unwrap().config.clone();
+    config.subjects = vec!["paused.>".to_owned()];
+    app.js.update_stream(config.clone()).await.unwrap();
+    send(&app, 50..120).await;
+    app.wait_for_events(121, Duration::from_secs(30)).await;
+    assert_eq!(stored_messages(&app).await, 51, "nothing more reached STORED while it refused");
+
+    // A crash with rows committed and not on STORED. STORED comes back with a duplicate window
+    // too short to help: only the persister's own resume point keeps it from repeating.
+    app.kill_persister().await;
+    config.subjects = vec!["event.stored.>".to_owned()];
+    config.duplicate_window = Duration::from_secs(1);
+    app.js.update_stream(config).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    app.start_persister().await;
+    send(&app, 120..150).await;
+    app.wait_for_events(151, Duration::from_secs(30)).await;
+    let rows = stored_rows(&app).await;
+    assert_eq!(rows.len(), 151);
+    let all_there = wait_until(Duration::from_secs(30), || async {
+        (stored_messages(&app).await >= rows.len() as u64).then_some(())
+    })
+    .await;
+    assert!(all_there.is_some(), "STORED caught up with the rows");
+
+    // The README's consumer, as a downstream team runs it.
+    let url = app.nats_server.url.clone();
+    let output = python(
+        include_str!("../../examples/stored_consumer.py"),
+        &[("NATS_URL", &url), ("DURABLE", "billing"), ("FILTER", "event.stored.*.*.order.>"), ("EXIT_WHEN_IDLE", "1")],
+    )
+    .await;
+    let received: Vec<Value> = output.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let got: Vec<(String, i64)> = received
+        .iter()
+        .map(|event| (event["event_id"].as_str().unwrap().to_owned(), event["stream_seq"].as_i64().unwrap()))
+        .collect();
+    let first_difference = got.iter().zip(&rows).position(|(got, row)| got != row);
+    assert!(
+        got == rows,
+        "every stored row once, in EVENTS order, and nothing else: {} messages for {} rows, first difference at {first_difference:?}",
+        got.len(),
+        rows.len()
+    );
+    for event in &received {
+        assert_eq!(event["ce_type"], event["event_type"]);
+        assert_eq!(event["schema_version"], "1");
+        assert_ne!(event["event_type"], "order.broken", "a refused message never reaches STORED");
+    }
+
+    // Its backlog shows in /metrics, under its own name.
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("event_consumer_pending_messages{stream=\"STORED\",consumer=\"billing\"} 0"), "{metrics}");
+    assert!(metrics.contains("event_stored_messages_published_total 151"), "{metrics}");
+}
+
+/// The README shows the examples that this test and the build check, word for word.
+#[test]
+fn the_readme_shows_the_checked_examples() {
+    let readme = include_str!("../../README.md");
+    for example in
+        [include_str!("../../examples/stored_consumer.py"), include_str!("../../examples/stored_consumer.rs")]
+    {
+        assert!(readme.contains(example.trim_end()), "README lacks:\n{example}");
+    }
+}
