@@ -30,7 +30,7 @@ async def main():
     while True:
         try:
             messages = await sub.fetch(100, timeout=5)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
             if os.environ.get("EXIT_WHEN_IDLE"):
                 break
             continue

@@ -57,6 +57,9 @@ async fn a_downstream_consumer_gets_every_stored_event_once_in_order_across_a_pe
     app.publish("events.backend.order.order.native", async_nats::HeaderMap::new(), native).await;
     app.wait_for_events(51, Duration::from_secs(30)).await;
     app.wait_for_dead_letters(1).await;
+    let published =
+        wait_until(Duration::from_secs(30), || async { (stored_messages(&app).await == 51).then_some(()) }).await;
+    assert!(published.is_some(), "the first 51 on STORED");
 
     // STORED stops taking messages: the rows are stored, their STORED messages fail and the
     // persister holds them.
