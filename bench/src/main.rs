@@ -21,6 +21,7 @@ mod overload;
 mod pipeline;
 mod query;
 mod report;
+mod scaleout;
 mod schema;
 mod service;
 
@@ -115,6 +116,9 @@ pub enum Scenario {
     Schema,
     /// Query of 1 000 rows and statistics over a seeded store.
     Query,
+    /// The stages as separate processes, one and then two gateways, processors and
+    /// dispatchers, on servers of their own (not in the default list: run it alone).
+    Scaleout,
 }
 
 /// What every scenario shares.
@@ -228,6 +232,9 @@ impl Bench {
         }
         if wanted(Scenario::Query) {
             self.query_at_scale().await?;
+        }
+        if wanted(Scenario::Scaleout) {
+            self.scale_out().await?;
         }
         self.note_rss("end of run");
         Ok(())

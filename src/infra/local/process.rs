@@ -29,6 +29,11 @@ impl LocalProcess {
         Ok(Self { name: name.to_owned(), log: log.to_owned(), child })
     }
 
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether it still runs.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
