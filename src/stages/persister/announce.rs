@@ -126,6 +126,12 @@ impl Announcer {
         let recorded = position::announced_position(&self.pool, streams::EVENTS)
             .await
             .map_err(|error| Transient::new("cannot read the STORED position", error))?;
+        // Read after STORED's end: another persister may have stored and published beyond
+        // the position this attempt started from, which is not a recreated EVENTS.
+        let stored_position = position::read_position(&self.pool, streams::EVENTS)
+            .await
+            .map_err(|error| Transient::new("cannot read the persister position", error))?
+            .max(stored_position);
         let through = plan::stored_resume_point(on_stored, recorded, stored_position);
         tracing::info!(stage = STAGE, stored_last = last, through, "found where STORED ends");
         Ok(Cursor { stored_last: last, through })
@@ -170,10 +176,11 @@ impl Announcer {
     /// Publishes `records` (in EVENTS-sequence order, every row up to `through` after
     /// `cursor.through`) right after STORED's last message.
     async fn publish(&self, cursor: Cursor, records: &[StoredRecord<'_>], through: u64) -> Result<Cursor, Transient> {
+        let max_payload = self.bus.client().server_info().max_payload;
         let mut messages = Vec::with_capacity(records.len());
         for (index, record) in records.iter().enumerate() {
             let message: Outgoing = record
-                .to_message(cursor.stored_last + index as u64)
+                .to_message_within(cursor.stored_last + index as u64, max_payload)
                 .map_err(|error| Transient::new("cannot encode a STORED message", error))?;
             messages.push(message);
         }

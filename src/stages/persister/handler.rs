@@ -254,7 +254,13 @@ impl Handler {
         let rows: Vec<NewEvent> =
             to_store.iter().map(|(_, incoming, status)| NewEvent { incoming, status: *status }).collect();
         match write::insert_batch(&self.pool, &rows, Some(advance)).await {
-            Ok(InsertOutcome::Stored(written)) => Ok(Some(Write { written, complete: true })),
+            // Complete only when every event of the range was written now: an event whose
+            // id an earlier attempt stored (one by one, then crashed) or that the batch
+            // repeats has its row elsewhere, so STORED reads them all back from the rows.
+            Ok(InsertOutcome::Stored(written)) => {
+                let complete = written.versions.len() == to_store.len();
+                Ok(Some(Write { written, complete }))
+            }
             Ok(InsertOutcome::Conflict) => Ok(None),
             Err(error) if db::is_missing_partition(&error) => {
                 super::retention::maintain(&self.pool, &self.bus, self.retention_days).await;
