@@ -5,7 +5,7 @@
 FROM rust:1.95-bookworm AS builder
 WORKDIR /build
 # Only what the build reads: the build context may hold target/ and local data.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY bins bins
 # The workspace's other member: only its manifest and sources, it is not built here.
 COPY bench bench
