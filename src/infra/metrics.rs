@@ -136,6 +136,7 @@ pub struct Metrics {
     pub persister_lag: Gauge,
     pub stored_published: Counter,
     pub processor_runs: Family<RunLabels, Counter>,
+    pub processor_swept: Counter,
     pub deliveries: Family<DeliveryLabels, Counter>,
     pub subscriptions_disabled: Counter,
     pub dead_letters: Family<DeadLetterLabels, Counter>,
@@ -176,6 +177,7 @@ impl Metrics {
             persister_lag: Gauge::default(),
             stored_published: Counter::default(),
             processor_runs: Family::default(),
+            processor_swept: Counter::default(),
             deliveries: Family::default(),
             subscriptions_disabled: Counter::default(),
             dead_letters: Family::default(),
@@ -255,6 +257,11 @@ impl Metrics {
             "processor_runs",
             "Processor runs, by processor and outcome (success, retry, failed)",
             self.processor_runs.clone(),
+        );
+        r.register(
+            "processor_swept",
+            "Events left pending for a processor that is gone, settled `processed` by the processor stage's sweep",
+            self.processor_swept.clone(),
         );
         r.register("deliveries", "Subscription delivery attempts, by outcome", self.deliveries.clone());
         r.register(

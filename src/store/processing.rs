@@ -256,6 +256,43 @@ async fn change_statuses(
     Ok(found)
 }
 
+/// An event still `pending` or `processing`: what the processor stage's sweep needs to tell
+/// whether any processor takes it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Unsettled {
+    pub event_id: Uuid,
+    pub event_source: String,
+    pub event_category: String,
+    pub event_type: String,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Where a sweep through unsettled events goes on: after this (timestamp, event id).
+pub type SweepCursor = (DateTime<Utc>, Uuid);
+
+/// Up to `limit` events `pending` or `processing` that were stored before `stored_before`,
+/// after `after` in (timestamp, event id) order.
+pub async fn unsettled(
+    pool: &PgPool,
+    stored_before: DateTime<Utc>,
+    after: Option<SweepCursor>,
+    limit: i64,
+) -> Result<Vec<Unsettled>, sqlx::Error> {
+    let (after_time, after_id) = after.unzip();
+    sqlx::query_as(
+        "SELECT event_id, event_source, event_category, event_type, \"timestamp\" FROM event.events \
+         WHERE status IN ('pending', 'processing') AND stored_at < $1 \
+           AND ($2::timestamptz IS NULL OR (\"timestamp\", event_id) > ($2, $3)) \
+         ORDER BY \"timestamp\", event_id LIMIT $4",
+    )
+    .bind(stored_before)
+    .bind(after_time)
+    .bind(after_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
 /// Turns off processors whose endpoint answered 410 Gone, saying why; returns the ones that
 /// were on.
 pub async fn disable_gone(pool: &PgPool, gone: &[(String, String)]) -> Result<Vec<String>, sqlx::Error> {

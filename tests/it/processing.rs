@@ -437,7 +437,8 @@ async fn events_no_processor_takes_are_stored_processed_the_others_wait_for_the_
     app.stop_processors().await;
 
     // Stored pending for a processor that is disabled before the processor stage gets to the
-    // event: the stage, which no longer sees a processor for it, marks it processed.
+    // event: the stage acks the message (nothing takes it), and its sweep marks the event
+    // processed a few seconds later, counted in /metrics.
     let late = app.create(json!({"event_type": "order.cancelled", "user_id": "u1"})).await;
     assert_eq!(app.get(&format!("/api/v1/events/{late}")).await.1["status"], "pending");
     let id = processor["processor_id"].as_str().unwrap();
@@ -449,6 +450,9 @@ async fn events_no_processor_takes_are_stored_processed_the_others_wait_for_the_
     assert_eq!(results(&app, &late).await, []);
     let (_, user) = app.get("/api/v1/events/statistics?user_id=u1").await;
     assert_eq!((user["pending_events"].as_i64(), user["processed_events"].as_i64()), (Some(0), Some(3)), "{user}");
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let swept = metrics.lines().find_map(|line| line.strip_prefix("event_processor_swept_total "));
+    assert_eq!(swept, Some("1"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,9 +56,14 @@ pub struct Filters {
 
 impl Filters {
     pub fn matches(&self, event: &Event) -> bool {
-        self.event_source.is_none_or(|source| source == event.event_source)
-            && self.event_category.is_none_or(|category| category == event.event_category)
-            && self.event_type.as_ref().is_none_or(|pattern| pattern.matches(&event.event_type))
+        self.matches_kind(event.event_source, event.event_category, &event.event_type)
+    }
+
+    /// [`Self::matches`] on what the filters look at: source, category and type.
+    pub fn matches_kind(&self, source: EventSource, category: EventCategory, event_type: &str) -> bool {
+        self.event_source.is_none_or(|filter| filter == source)
+            && self.event_category.is_none_or(|filter| filter == category)
+            && self.event_type.as_ref().is_none_or(|pattern| pattern.matches(event_type))
     }
 }
 
@@ -170,6 +175,13 @@ impl ProcessorSet {
     /// Whether any enabled processor takes this event.
     pub fn takes(&self, event: &Event) -> bool {
         self.processors.iter().any(|runnable| runnable.takes(event))
+    }
+
+    /// Whether any enabled processor takes events of this source, category and type.
+    pub fn takes_kind(&self, source: EventSource, category: EventCategory, event_type: &str) -> bool {
+        self.processors.iter().any(|runnable| {
+            runnable.processor.enabled && runnable.processor.filters.matches_kind(source, category, event_type)
+        })
     }
 
     pub fn by_name(&self, name: &str) -> Option<Arc<Runnable>> {

@@ -1,5 +1,7 @@
 //! The processor stage's I/O shell: decodes the batch, reads earlier attempts, runs the
 //! processors, records what happened, announces it. The decisions are [`super::verdict`]'s.
+//! Events no processor takes are acked as they come: the persister stored them `processed`,
+//! and [`super::sweep`] settles the few it stored `pending` for a processor that is gone.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use futures::StreamExt;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::sweep::{self, Sweep};
 use super::verdict::Ran;
 use super::verdict::{self, Earlier};
 use super::{Engine, STAGE};
@@ -37,6 +40,7 @@ pub(super) struct Handler {
     pub engine: Arc<Engine>,
     pub watermark: Watermark,
     pub settings: ProcessorArgs,
+    pub sweep: Sweep,
 }
 
 /// One event of the batch being worked on.
@@ -55,6 +59,7 @@ struct Work {
 
 impl BatchHandler for Handler {
     async fn handle(&self, batch: &Batch<'_>) -> Handled {
+        self.sweep.run_if_due(&self.pool, &self.engine, self.bus.metrics(), sweep::BUSY_EVERY).await;
         let mut outcomes = vec![Outcome::Ack; batch.messages.len()];
         let mut work = self.decode(batch);
         if work.is_empty() {
@@ -67,8 +72,7 @@ impl BatchHandler for Handler {
         for item in &work {
             let mine: Vec<&Ran> = ran.get(&item.event.event_id).map(|r| r.iter().collect()).unwrap_or_default();
             let retry_delay = |attempt| self.settings.retry_delay(attempt);
-            let (change, outcome) =
-                verdict::verdict(item.event.event_id, !item.matching.is_empty(), &item.earlier, &mine, retry_delay);
+            let (change, outcome) = verdict::verdict(item.event.event_id, true, &item.earlier, &mine, retry_delay);
             changes.push(change);
             verdicts.push(outcome);
         }
@@ -85,22 +89,26 @@ impl BatchHandler for Handler {
         }
         Ok(outcomes)
     }
+
+    async fn idle(&self) {
+        self.sweep.run_if_due(&self.pool, &self.engine, self.bus.metrics(), sweep::IDLE_EVERY).await;
+    }
 }
 
 impl Handler {
-    /// The batch's events with the processors that take them. What cannot be decoded is the
-    /// persister's to dead-letter; nothing to run here.
+    /// The batch's events that processors take, with those processors. What cannot be decoded
+    /// is the persister's to dead-letter; what no processor takes has nothing to run here.
     fn decode(&self, batch: &Batch<'_>) -> Vec<Work> {
         let set = self.engine.registry.snapshot();
         let mut work = Vec::with_capacity(batch.messages.len());
         for (position, message) in batch.messages.iter().enumerate() {
             let Ok(incoming) = codec::decode(message) else { continue };
             let matching = set.matching(&incoming.event);
+            if matching.is_empty() {
+                continue;
+            }
             // Processors get the event as the service knows it, whoever produced the message.
-            let payload = match matching.is_empty() {
-                true => Bytes::new(),
-                false => serde_json::to_vec(&incoming.event).map_or_else(|_| message.payload.clone(), Bytes::from),
-            };
+            let payload = serde_json::to_vec(&incoming.event).map_or_else(|_| message.payload.clone(), Bytes::from);
             let (event, seq, trace) = (incoming.event, incoming.stream_seq, incoming.trace);
             work.push(Work {
                 position,

@@ -13,10 +13,14 @@
 //!   dead-lettered (`deadletter.processor`); otherwise `processed`.
 //! - The status write waits for the persister's position (an event not stored after a
 //!   second is NAKed; succeeded processors are not run again).
+//! - An event no processor takes is acked without a write (the persister stored it
+//!   `processed`); one stored `pending` for a processor that is gone since is settled
+//!   `processed` by the [`sweep`] within seconds when idle, a minute under load.
 //! - Any number of workers share the consumer: each event is handled by one at a time.
 
 mod handler;
 pub mod runner;
+mod sweep;
 pub mod verdict;
 
 use std::sync::Arc;
@@ -75,7 +79,7 @@ impl ProcessorStage {
     ) -> Result<Self, StageError> {
         let consume = ConsumeLoop::build(&bus, streams::EVENTS, STAGE, settings.batch_size).await?;
         let watermark = Watermark::start(&bus, pool.clone()).await?;
-        let handler = Handler { pool, bus, engine, watermark, settings: settings.clone() };
+        let handler = Handler { pool, bus, engine, watermark, settings: settings.clone(), sweep: Default::default() };
         Ok(Self { consume, handler })
     }
 

@@ -154,9 +154,8 @@ pub fn verdict(
         only_from,
     };
     if !takes {
-        // Nothing takes it: the persister usually stored it `processed` already, and then
-        // this changes nothing (no row is rewritten). It is still written, in case the
-        // persister saw a processor that is gone now.
+        // Nothing takes it: the persister stored it `pending` for a processor that is gone
+        // now (the sweep's case). Only from `pending` or `processing`: nothing else moves.
         let from = vec![EventStatus::Pending, EventStatus::Processing];
         return (change(EventStatus::Processed, Some(from)), Outcome::Ack);
     }
