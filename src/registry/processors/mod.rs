@@ -177,6 +177,11 @@ impl ProcessorSet {
         self.processors.iter().any(|runnable| runnable.takes(event))
     }
 
+    /// Whether no processor is enabled: then no event is taken.
+    pub fn idle(&self) -> bool {
+        self.processors.iter().all(|runnable| !runnable.processor.enabled)
+    }
+
     /// Whether any enabled processor takes events of this source, category and type.
     pub fn takes_kind(&self, source: EventSource, category: EventCategory, event_type: &str) -> bool {
         self.processors.iter().any(|runnable| {

@@ -100,6 +100,10 @@ impl Handler {
     /// is the persister's to dead-letter; what no processor takes has nothing to run here.
     fn decode(&self, batch: &Batch<'_>) -> Vec<Work> {
         let set = self.engine.registry.snapshot();
+        if set.idle() {
+            // No processor at all: nothing to decode either.
+            return Vec::new();
+        }
         let mut work = Vec::with_capacity(batch.messages.len());
         for (position, message) in batch.messages.iter().enumerate() {
             let Ok(incoming) = codec::decode(message) else { continue };
