@@ -10,6 +10,7 @@
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
@@ -54,16 +55,17 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let mut event = parse::parse_event(body, &Defaults::http(Utc::now())).map_err(ApiError::Validation)?;
     state.conform(&mut event).map_err(ApiError::SchemaViolation)?;
-    let view = EventView { event: &event, status: EventStatus::Pending };
+    let message = state.event_message(&event)?;
+    let body = pending_answer(std::slice::from_ref(&event), [&message.payload[..]], false)?;
     if prefers_async(&headers) {
-        state.publish_one(CREATE, &trace, state.event_message(&event)?).await?;
-        return Ok(accepted_async(&view));
+        state.publish_one(CREATE, &trace, message).await?;
+        return Ok(accepted_async(body));
     }
-    let message = state.event_message(&event)?.with_header(headers::NOTIFY, state.waiters.subject());
+    let message = message.with_header(headers::NOTIFY, state.waiters.subject());
     let waiting = state.waiters.register(&[event.event_id]);
     let stored = state.publish_one(CREATE, &trace, message).await?;
     let in_database = waiting.wait(&state.pool, state.store_timeout, stored.duplicate).await;
-    Ok(answer(in_database, &view))
+    Ok(answer(in_database, body))
 }
 
 pub async fn batch(
@@ -117,16 +119,16 @@ pub async fn batch(
             if respond_async { message } else { message.with_header(headers::NOTIFY, state.waiters.subject()) };
         messages.push((event.event_id, message));
     }
-    let views: Vec<EventView> = events.iter().map(|event| EventView { event, status: EventStatus::Pending }).collect();
+    let body = pending_answer(&events, messages.iter().map(|(_, message)| &message.payload[..]), true)?;
     if respond_async {
         publish_new(&state, BATCH, &trace, messages).await?;
-        return Ok(accepted_async(&views));
+        return Ok(accepted_async(body));
     }
     let ids: Vec<Uuid> = events.iter().map(|event| event.event_id).collect();
     let waiting = state.waiters.register(&ids);
     let seen_before = publish_new(&state, BATCH, &trace, messages).await?;
     let in_database = waiting.wait(&state.pool, state.store_timeout, seen_before).await;
-    Ok(answer(in_database, &views))
+    Ok(answer(in_database, body))
 }
 
 /// True when the request says `Prefer: respond-async`: answer once JetStream has the events.
@@ -139,9 +141,57 @@ fn prefers_async(headers: &HeaderMap) -> bool {
     })
 }
 
+/// The answer to create (`many` false: one object) or batch (an array): every accepted event
+/// with `"status":"pending"`, as [`EventView`] serializes it.
+///
+/// Spliced from the events' EVENTS payloads, which are the events' JSON objects, instead of
+/// serializing every event a second time: the payload's closing brace becomes the status
+/// field. Should a payload not end in one, the events are serialized again.
+fn pending_answer<'a>(
+    events: &[Event],
+    payloads: impl IntoIterator<Item = &'a [u8]>,
+    many: bool,
+) -> Result<Vec<u8>, ApiError> {
+    const STATUS: &[u8] = br#","status":"pending"}"#;
+    let mut body = Vec::new();
+    if many {
+        body.push(b'[');
+    }
+    for (index, payload) in payloads.into_iter().enumerate() {
+        let Some((b'}', fields)) = payload.split_last() else {
+            return serialized_answer(events, many);
+        };
+        if index > 0 {
+            body.push(b',');
+        }
+        body.reserve(fields.len() + STATUS.len() + 1);
+        body.extend_from_slice(fields);
+        body.extend_from_slice(STATUS);
+    }
+    if many {
+        body.push(b']');
+    }
+    Ok(body)
+}
+
+/// [`pending_answer`] the slow way: every event serialized as an [`EventView`].
+fn serialized_answer(events: &[Event], many: bool) -> Result<Vec<u8>, ApiError> {
+    let views: Vec<EventView> = events.iter().map(|event| EventView { event, status: EventStatus::Pending }).collect();
+    let serialized = match views.first() {
+        Some(view) if !many => serde_json::to_vec(view),
+        _ => serde_json::to_vec(&views),
+    };
+    serialized.map_err(|error| ApiError::Internal(error.into()))
+}
+
+/// A JSON answer from bytes already serialized.
+fn json_answer(status: StatusCode, body: Vec<u8>) -> Response {
+    (status, [(CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+}
+
 /// 202 with `Preference-Applied: respond-async`: in JetStream, stored shortly.
-fn accepted_async(body: &impl Serialize) -> Response {
-    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+fn accepted_async(body: Vec<u8>) -> Response {
+    let mut response = json_answer(StatusCode::ACCEPTED, body);
     response.headers_mut().insert("preference-applied", HeaderValue::from_static("respond-async"));
     response
 }
@@ -197,9 +247,9 @@ pub(super) async fn publish_new(
     }
 }
 
-fn answer(in_database: bool, body: &impl Serialize) -> Response {
+fn answer(in_database: bool, body: Vec<u8>) -> Response {
     let status = if in_database { StatusCode::OK } else { StatusCode::ACCEPTED };
-    (status, Json(body)).into_response()
+    json_answer(status, body)
 }
 
 impl AppState {
@@ -335,6 +385,38 @@ mod tests {
             headers.append("prefer", HeaderValue::from_str(value).expect("test header"));
         }
         headers
+    }
+
+    fn events() -> Vec<Event> {
+        let now = Utc::now();
+        let bodies = [
+            serde_json::json!({"event_type": "order.placé", "user_id": "u\"1", "data": {"total": 5, "b": [1, "x"]}}),
+            serde_json::json!({"event_type": "a", "entity_type": "order", "entity_id": "o-1", "metadata": {"k": null}}),
+        ];
+        bodies.into_iter().map(|body| parse::parse_event(body, &Defaults::http(now)).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_answer_spliced_from_the_payloads_is_the_serialized_answer() {
+        let events = events();
+        let payloads: Vec<Vec<u8>> = events.iter().map(|event| serde_json::to_vec(event).unwrap()).collect();
+        let spliced = pending_answer(&events, payloads.iter().map(Vec::as_slice), true).unwrap();
+        assert_eq!(spliced, serialized_answer(&events, true).unwrap());
+        let views: Vec<Value> = serde_json::from_slice(&spliced).unwrap();
+        assert_eq!(views.len(), 2);
+        assert_eq!(views[0]["status"], "pending");
+        assert_eq!(views[1]["stream_id"], "order:o-1");
+
+        let one = pending_answer(&events[..1], [payloads[0].as_slice()], false).unwrap();
+        assert_eq!(one, serialized_answer(&events[..1], false).unwrap());
+        assert_eq!(serde_json::from_slice::<Value>(&one).unwrap(), views[0]);
+    }
+
+    #[test]
+    fn a_payload_that_is_not_an_object_is_serialized_again() {
+        let events = events();
+        let answer = pending_answer(&events, [&b"{}"[..], &b"[]"[..]], true).unwrap();
+        assert_eq!(answer, serialized_answer(&events, true).unwrap());
     }
 
     #[test]
