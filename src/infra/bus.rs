@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::header::HeaderName;
 use async_nats::jetstream::{self, consumer};
 use async_nats::{HeaderValue, connection::State};
 use bytes::Bytes;
@@ -271,13 +272,13 @@ impl Bus {
             return Ok(BatchStored { last_sequence: 0, count: 0 });
         };
         for (index, mut message) in messages {
-            message.headers.insert("Nats-Batch-Id", batch_id.as_str());
-            message.headers.insert("Nats-Batch-Sequence", HeaderValue::from(index as u64 + 1));
+            message.headers.insert(HeaderName::from_static("Nats-Batch-Id"), batch_id.as_str());
+            message.headers.insert(HeaderName::from_static("Nats-Batch-Sequence"), HeaderValue::from(index as u64 + 1));
             self.client.publish_with_headers(message.subject, message.headers, message.payload).await?;
         }
-        last.headers.insert("Nats-Batch-Id", batch_id.as_str());
-        last.headers.insert("Nats-Batch-Sequence", HeaderValue::from(count as u64));
-        last.headers.insert("Nats-Batch-Commit", "1");
+        last.headers.insert(HeaderName::from_static("Nats-Batch-Id"), batch_id.as_str());
+        last.headers.insert(HeaderName::from_static("Nats-Batch-Sequence"), HeaderValue::from(count as u64));
+        last.headers.insert(HeaderName::from_static("Nats-Batch-Commit"), "1");
         let reply = self.client.request_with_headers(last.subject, last.headers, last.payload).await?;
         let answer: BatchAnswer = serde_json::from_slice(&reply.payload)
             .map_err(|_| BusError::BatchRejected { code: 0, description: "unreadable batch acknowledgement".into() })?;

@@ -4,6 +4,7 @@
 //! Reads nothing, writes nothing.
 
 use async_nats::HeaderMap;
+use async_nats::header::HeaderName;
 use bytes::Bytes;
 
 /// One message to publish.
@@ -35,14 +36,15 @@ impl Outgoing {
     }
 
     pub fn with_header(mut self, name: &'static str, value: &str) -> Self {
-        self.headers.insert(name, value);
+        // A static name needs neither parsing nor a copy of its own.
+        self.headers.insert(HeaderName::from_static(name), value);
         self
     }
 
     /// Carries `trace` on (`traceparent`, `tracestate`): the receiver's parent is its span.
     pub fn with_trace(mut self, trace: &super::TraceContext) -> Self {
         for (name, value) in trace.headers() {
-            self.headers.insert(name, value.as_str());
+            self.headers.insert(HeaderName::from_static(name), value.as_str());
         }
         self
     }
