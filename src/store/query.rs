@@ -3,7 +3,10 @@
 //! Reads `event.events` and the rollups; writes nothing. Guarantees: the total is exact when
 //! the rollups count the filter (then independent of the table's size), otherwise counted up
 //! to [`COUNT_BEYOND_PAGE`] rows past the page and flagged when it is a lower bound, so a broad
-//! filter over millions of events still answers in milliseconds.
+//! filter over millions of events still answers in milliseconds. A data filter also names, for
+//! each of its top-level keys an operator indexed (see [`indexed_data_keys`]), the key's value
+//! as an equality that index serves newest first: the same rows, found without walking past
+//! the events that lack the key.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -28,7 +31,9 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
-    fn push_where(&self, sql: &mut QueryBuilder<Postgres>) {
+    /// The filter's conditions; `implied` are equalities the data filter implies (see
+    /// [`implied_equalities`]), there for an index to serve.
+    fn push_where(&self, sql: &mut QueryBuilder<Postgres>, implied: &[(String, Value)]) {
         sql.push(" WHERE TRUE");
         if let Some(user_id) = &self.user_id {
             sql.push(" AND user_id = ").push_bind(user_id.clone());
@@ -45,6 +50,11 @@ impl EventFilter {
         }
         if let Some(data) = &self.data {
             sql.push(" AND data @> ").push_bind(data.clone()).push("::jsonb");
+        }
+        for (key, value) in implied {
+            // The key is spelled out, not bound: an index on `data -> 'key'` serves only the
+            // same expression, also in a generic plan.
+            sql.push(format_args!(" AND data -> {} = ", text_literal(key))).push_bind(value.clone()).push("::jsonb");
         }
     }
 
@@ -77,8 +87,12 @@ pub const COUNT_BEYOND_PAGE: i64 = 10_000;
 
 /// Matching events, newest first, and how many match in all.
 pub async fn query_events(pool: &PgPool, filter: &EventFilter) -> Result<(Vec<StoredEvent>, Total), sqlx::Error> {
+    let implied = match &filter.data {
+        Some(data) => implied_equalities(data, &indexed_data_keys(pool).await?),
+        None => Vec::new(),
+    };
     let mut select = QueryBuilder::new(format!("SELECT {EVENT_COLUMNS} FROM event.events"));
-    filter.push_where(&mut select);
+    filter.push_where(&mut select, &implied);
     select
         .push(" ORDER BY \"timestamp\" DESC, event_id DESC LIMIT ")
         .push_bind(filter.limit)
@@ -95,10 +109,53 @@ pub async fn query_events(pool: &PgPool, filter: &EventFilter) -> Result<(Vec<St
     }
     let cap = filter.offset.saturating_add(filter.limit).saturating_add(COUNT_BEYOND_PAGE);
     let mut count = QueryBuilder::new("SELECT count(*) FROM (SELECT 1 FROM event.events");
-    filter.push_where(&mut count);
+    filter.push_where(&mut count, &implied);
     count.push(" LIMIT ").push_bind(cap).push(") AS matching");
     let counted: i64 = count.build_query_scalar().fetch_one(pool).await?;
     Ok((events, Total { count: counted, exact: counted < cap }))
+}
+
+/// Top-level `data` keys an operator indexed for newest-first containment queries: the
+/// B-tree expression indexes of `event.events` on `(data -> 'key'), "timestamp" DESC,
+/// event_id DESC`, read from the catalog (a fraction of a millisecond) so an index created
+/// or dropped while the service runs counts at once.
+async fn indexed_data_keys(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    let definitions: Vec<String> = sqlx::query_scalar(
+        "SELECT pg_get_indexdef(indexrelid) FROM pg_index \
+         WHERE indrelid = 'event.events'::regclass AND indexprs IS NOT NULL AND indisvalid",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(definitions.iter().filter_map(|definition| ordered_data_key(definition)).collect())
+}
+
+/// The data key an index definition (as `pg_get_indexdef` prints it) serves newest first:
+/// exactly `USING btree (((data -> 'key'::text)), "timestamp" DESC, event_id DESC)`, not
+/// partial. Any other index is not one the query can walk in its order.
+fn ordered_data_key(definition: &str) -> Option<String> {
+    let columns = definition.split_once(" USING btree (")?.1;
+    let quoted = columns.strip_prefix("((data -> '")?;
+    let (key, rest) = quoted.split_once("'::text)), ")?;
+    (rest == "\"timestamp\" DESC, event_id DESC)").then(|| key.replace("''", "'"))
+}
+
+/// A string as an SQL literal (standard-conforming strings: only `'` is doubled).
+fn text_literal(text: &str) -> String {
+    format!("'{}'::text", text.replace('\'', "''"))
+}
+
+/// For each top-level key of a containment filter that is indexed and asks for a scalar (a
+/// string, number, boolean or null), `data -> key = value`. Containment implies it:
+/// PostgreSQL's `@>` matches a scalar under a key only by an equal scalar of the same type. So
+/// adding it changes no answer, and lets the planner walk the key's index newest first. Not
+/// added for keys without an index: there it only skews the planner's estimates.
+fn implied_equalities(data: &Value, indexed: &[String]) -> Vec<(String, Value)> {
+    let Value::Object(wanted) = data else { return Vec::new() };
+    wanted
+        .iter()
+        .filter(|(key, value)| !value.is_object() && !value.is_array() && indexed.contains(key))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
 }
 
 /// Which rollup counts a filter exactly.
@@ -169,6 +226,47 @@ impl RollupCount {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn only_indexes_in_query_order_name_a_data_key() {
+        let key = |definition: &str| ordered_data_key(definition);
+        assert_eq!(
+            key(
+                r#"CREATE INDEX i ON ONLY event.events USING btree (((data -> 'plan'::text)), "timestamp" DESC, event_id DESC)"#
+            ),
+            Some("plan".to_owned())
+        );
+        assert_eq!(
+            key(
+                r#"CREATE INDEX i ON ONLY event.events USING btree (((data -> 'it''s'::text)), "timestamp" DESC, event_id DESC)"#
+            ),
+            Some("it's".to_owned())
+        );
+        for other in [
+            r#"CREATE INDEX i ON ONLY event.events USING btree (((data ->> 'plan'::text)), "timestamp" DESC, event_id DESC)"#,
+            r#"CREATE INDEX i ON ONLY event.events USING btree (((data -> 'plan'::text)))"#,
+            r#"CREATE INDEX i ON ONLY event.events USING btree (((data -> 'plan'::text)), "timestamp" DESC, event_id DESC) WHERE (user_id IS NOT NULL)"#,
+            r#"CREATE INDEX i ON ONLY event.events USING hash (((data -> 'plan'::text)))"#,
+            r#"CREATE INDEX i ON ONLY event.events USING btree (((metadata -> 'plan'::text)), "timestamp" DESC, event_id DESC)"#,
+        ] {
+            assert_eq!(key(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn only_indexed_scalar_keys_imply_an_equality() {
+        let indexed = vec!["plan".to_owned(), "tier".to_owned(), "tags".to_owned(), "n".to_owned()];
+        let data =
+            json!({"plan": "premium", "tier": null, "tags": ["a"], "n": 3, "region": "eu", "nested": {"plan": "x"}});
+        assert_eq!(
+            implied_equalities(&data, &indexed),
+            vec![("n".to_owned(), json!(3)), ("plan".to_owned(), json!("premium")), ("tier".to_owned(), Value::Null)]
+        );
+        assert!(implied_equalities(&data, &[]).is_empty());
+        assert!(implied_equalities(&json!([1]), &indexed).is_empty());
+        assert_eq!(text_literal("it's"), "'it''s'::text");
+    }
 
     #[test]
     fn the_rollups_count_what_they_can() {

@@ -407,6 +407,68 @@ async fn query_filters_pages_and_orders_newest_first() {
     }
 }
 
+/// An operator's expression index on a data key changes how a containment query runs, never
+/// what it answers: arrays, nested objects, numbers, nulls and quoted keys match as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_key_index_serves_containment_queries_with_the_same_answers() {
+    let app = spawn_app().await;
+    let plans = [
+        json!("premium"),
+        json!("basic"),
+        json!(["premium", "gold"]),
+        json!({"name": "premium", "since": 2024}),
+        Value::Null,
+    ];
+    let batch: Vec<Value> = (0..30)
+        .map(|i| {
+            json!({
+                "event_type": "plan.changed",
+                "data": {"plan": plans[i % 5].clone(), "n": i % 4, "it's": i % 2 == 0, "seats": if i % 3 == 0 { json!(1.0) } else { json!(2) }},
+                "timestamp": format!("2025-12-01T10:00:{i:02}Z"),
+            })
+        })
+        .collect();
+    let (status, _) = app.post("/api/v1/events/batch", &Value::Array(batch)).await;
+    assert_eq!(status, StatusCode::OK);
+    let filters = [
+        (json!({"plan": "premium"}), 6),
+        (json!({"plan": ["premium"]}), 6),
+        (json!({"plan": {"name": "premium"}}), 6),
+        (json!({"plan": null}), 6),
+        (json!({"plan": "premium", "n": 0}), 2),
+        (json!({"it's": true}), 15),
+        (json!({"seats": 1}), 10),
+        (json!({"n": 3, "it's": false}), 7),
+    ];
+    let answers = |limit: i64| {
+        let app = &app;
+        let filters = filters.clone();
+        async move {
+            let mut answers = Vec::new();
+            for (data, expected) in filters {
+                let (status, page) = app.post("/api/v1/events/query", &json!({"data": data, "limit": limit})).await;
+                assert_eq!(status, StatusCode::OK, "{data}: {page}");
+                assert_eq!(page["total"].as_i64(), Some(expected), "{data}: {page}");
+                let ids: Vec<String> = page["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["event_id"].as_str().unwrap().to_owned())
+                    .collect();
+                answers.push(ids);
+            }
+            answers
+        }
+    };
+    let (unindexed, unindexed_page) = (answers(100).await, answers(2).await);
+    for key in ["plan", "n", "it''s", "seats"] {
+        let index = format!(r#"CREATE INDEX ON event.events ((data -> '{key}'), "timestamp" DESC, event_id DESC)"#);
+        sqlx::query(sqlx::AssertSqlSafe(index)).execute(&app.pool).await.unwrap();
+    }
+    assert_eq!(answers(100).await, unindexed);
+    assert_eq!(answers(2).await, unindexed_page);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statistics_come_from_the_rollups() {
     let app = spawn_app().await;
