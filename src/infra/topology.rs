@@ -35,10 +35,6 @@ const CONSUMER_FILES: &[(&str, &str)] = &[
     ("projector", include_str!("../../jetstream/consumers/projector.json")),
 ];
 
-/// Durable consumers an earlier version declared and this one replaced, deleted at start-up:
-/// the projector read EVENTS until it read STORED.
-const RETIRED_CONSUMERS: &[(&str, &str)] = &[(streams::EVENTS, "projector")];
-
 #[derive(Deserialize)]
 struct ConsumerFile {
     stream: String,
@@ -72,33 +68,8 @@ pub async fn apply(bus: &Bus, settings: &NatsArgs) -> Result<(), BusError> {
             .map_err(|cause| BusError::Consumer { name: name.clone(), cause: cause.into() })?;
         tracing::debug!(consumer = %name, stream = %declared.stream, "consumer applied");
     }
-    for (stream, name) in RETIRED_CONSUMERS {
-        retire(bus, stream, name).await?;
-    }
     tracing::info!("jetstream topology applied");
     Ok(())
-}
-
-/// Deletes a retired consumer, if it is still there.
-async fn retire(bus: &Bus, stream: &str, name: &str) -> Result<(), BusError> {
-    let handle = bus
-        .jetstream()
-        .get_stream(stream)
-        .await
-        .map_err(|source| BusError::StreamLookup { name: stream.to_owned(), source })?;
-    match handle.delete_consumer(name).await {
-        Ok(_) => {
-            tracing::info!(consumer = name, stream, "retired consumer deleted");
-            Ok(())
-        }
-        Err(error) if is_not_found(&error) => Ok(()),
-        Err(error) => Err(BusError::Consumer { name: name.to_owned(), cause: error.into() }),
-    }
-}
-
-fn is_not_found(error: &stream::ConsumerError) -> bool {
-    matches!(error.kind(), stream::ConsumerErrorKind::JetStream(error)
-        if error.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND)
 }
 
 #[cfg(test)]

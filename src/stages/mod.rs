@@ -8,7 +8,7 @@
 //! - [`replayer`]: JOBS → processor runs and republishing over stored events.
 //! - [`dispatcher`]: EVENTS → one delivery per matching subscription on DELIVERIES.
 //! - [`sender`]: DELIVERIES → signed webhook calls, the delivery log.
-//! - [`projector`]: STORED → projections of entity streams.
+//! - [`projector`]: EVENTS → projections of entity streams.
 //! - [`watermark`]: how far the persister has stored, for the stages that need the rows.
 
 pub mod dispatcher;

@@ -1,5 +1,5 @@
-//! How far the persister has stored EVENTS, as the processor stage sees it: its status write
-//! needs the event's row. (The projector reads STORED, whose messages follow the commit.)
+//! How far the persister has stored EVENTS, as the stages that need an event's row before
+//! they act on it (the processor's status write, the projector's fold) see it.
 //!
 //! Reads the core-NATS subject `_EVSVC.persisted`, on which the persister publishes its
 //! position after every commit, and `event.persister_position` as the fallback when a notice

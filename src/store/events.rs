@@ -5,7 +5,7 @@
 //! `event.event_streams`; writes nothing. Guarantees: a row whose
 //! source, category or status the code does not know is an error, never a default.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -127,6 +127,31 @@ pub async fn events_in_sequence(
 pub async fn stored_ids(pool: &PgPool, ids: &[Uuid]) -> Result<HashSet<Uuid>, sqlx::Error> {
     let found: Vec<Uuid> = sqlx::query_scalar(STORED_AMONG).bind(ids).fetch_all(pool).await?;
     Ok(found.into_iter().collect())
+}
+
+/// Where a stored event sits: its entity stream and version, and the EVENTS message it was
+/// stored from.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredPosition {
+    pub event_id: Uuid,
+    pub stream_id: Option<StreamId>,
+    pub stream_version: Option<i64>,
+    pub stream_seq: i64,
+}
+
+/// The stored events among `ids`, by id.
+pub async fn stored_positions(pool: &PgPool, ids: &[Uuid]) -> Result<HashMap<Uuid, StoredPosition>, sqlx::Error> {
+    let Some(span) = by_id::span(pool, ids).await? else { return Ok(HashMap::new()) };
+    let rows: Vec<StoredPosition> = sqlx::query_as(
+        "SELECT event_id, stream_id, stream_version, stream_seq FROM event.events \
+         WHERE event_id = ANY($1) AND stored_at BETWEEN $2 AND $3",
+    )
+    .bind(ids)
+    .bind(span.first)
+    .bind(span.last)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|row| (row.event_id, row)).collect())
 }
 
 /// An entity stream's row: its type, version (events in it) and when it began and last grew.

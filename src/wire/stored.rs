@@ -9,7 +9,7 @@
 //! persister finds where STORED ends after a crash.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use uuid::Uuid;
 
 use super::message::Outgoing;
@@ -144,34 +144,6 @@ fn fits(message: &Outgoing, max_payload: usize) -> bool {
     message.payload.len() + headers + 256 <= max_payload
 }
 
-/// What a STORED message tells a reader that folds entity streams (the projector): the event's
-/// identity, its data and its place in its stream. Decoded from the payload, every other
-/// field skipped; `stream_id` and `stream_version` are absent for an event in no stream.
-#[derive(Debug, Clone, Deserialize)]
-pub struct StoredStreamEvent {
-    pub event_id: Uuid,
-    pub event_type: String,
-    pub data: JsonObject,
-    #[serde(default)]
-    pub stream_id: Option<StreamId>,
-    #[serde(default)]
-    pub stream_version: Option<i64>,
-    pub timestamp: DateTime<Utc>,
-    /// The message left `data` out ([`headers::TRUNCATED`]): read the event from PostgreSQL.
-    #[serde(skip)]
-    pub truncated: bool,
-}
-
-/// Decodes a STORED message for [`StoredStreamEvent`]'s reader.
-pub fn decode_stream_event(
-    message_headers: Option<&async_nats::HeaderMap>,
-    payload: &[u8],
-) -> Result<StoredStreamEvent, serde_json::Error> {
-    let mut event: StoredStreamEvent = serde_json::from_slice(payload)?;
-    event.truncated = message_headers.is_some_and(|map| map.get(headers::TRUNCATED).is_some());
-    Ok(event)
-}
-
 /// The CloudEvents `source`: the one the producer sent, when it came in as a CloudEvent
 /// (kept in `metadata.ce_source`), else `/event-service/{event_source}`.
 fn ce_source(event: &Event) -> String {
@@ -287,27 +259,6 @@ mod tests {
         assert_eq!(payload["data"], json!({}));
         assert_eq!(payload["stream_seq"], 9);
         assert!(cut.payload.len() < 4096);
-    }
-
-    #[test]
-    fn a_folding_reader_decodes_what_it_needs_and_sees_a_cut() {
-        let event = event();
-        let record =
-            StoredRecord { event: &event, stream_version: Some(4), stream_seq: 9, stored_at: Utc::now(), trace: None };
-        let message = record.to_message_within(3, 1024 * 1024).unwrap();
-        let read = decode_stream_event(Some(&message.headers), &message.payload).unwrap();
-        assert_eq!((read.event_id, read.event_type.as_str()), (event.event_id, "order.placé"));
-        assert_eq!((read.stream_id.as_ref(), read.stream_version), (event.stream_id.as_ref(), Some(4)));
-        assert_eq!((read.data, read.timestamp, read.truncated), (event.data.clone(), event.timestamp, false));
-
-        let mut alone = event.clone();
-        alone.stream_id = None;
-        alone.data.insert("blob".into(), json!("x".repeat(10_000)));
-        let record = StoredRecord { stream_version: None, event: &alone, ..record };
-        let cut = record.to_message_within(3, 4096).unwrap();
-        let read = decode_stream_event(Some(&cut.headers), &cut.payload).unwrap();
-        assert_eq!((read.stream_id, read.stream_version, read.truncated), (None, None, true));
-        assert!(read.data.is_empty());
     }
 
     #[test]

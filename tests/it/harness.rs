@@ -261,18 +261,6 @@ impl TestApp {
     }
 
     /// The service's own NATS connection, for subscribing and serving in tests.
-    /// Applies the JetStream topology again, as every binary does at start-up.
-    pub async fn apply_topology(&self) {
-        let args = NatsArgs {
-            nats_url: Some(Secret::new(self.nats_server.url.as_str())),
-            replicas: 1,
-            events_max_age_secs: 3600,
-            stored_max_age_secs: 3600,
-            ack_timeout_ms: 2000,
-        };
-        event_service::infra::topology::apply(&self.bus, &args).await.expect("topology");
-    }
-
     pub fn bus_client(&self) -> &async_nats::Client {
         self.bus.client()
     }

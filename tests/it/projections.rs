@@ -36,39 +36,6 @@ async fn wait_for_stored_version(app: &TestApp, name: &str, entity_type: &str, e
     .unwrap_or_else(|| panic!("projection {name} of {entity_type}:{entity_id} did not reach version {version}"));
 }
 
-/// A store from before the projector read STORED has its consumer on EVENTS: start-up
-/// deletes it, and the projector folds from STORED, history included.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upgraded_store_loses_the_old_projector_consumer_and_projects_from_stored() {
-    use async_nats::jetstream::consumer::pull;
-
-    let mut app = spawn_app().await;
-    for n in 1..=3 {
-        app.create(json!({"event_type": "meter.read", "stream_id": "meter:m7", "data": {"n": n}})).await;
-    }
-    let events = app.js.get_stream("EVENTS").await.unwrap();
-    let old = pull::Config {
-        durable_name: Some("projector".into()),
-        filter_subject: "events.>".into(),
-        ..Default::default()
-    };
-    events.create_consumer(old).await.unwrap();
-    app.apply_topology().await;
-    assert!(events.get_consumer::<pull::Config>("projector").await.is_err(), "the EVENTS consumer is gone");
-    let stored = app.js.get_stream("STORED").await.unwrap();
-    let mut consumer = stored.get_consumer::<pull::Config>("projector").await.unwrap();
-    assert_eq!(consumer.info().await.unwrap().config.filter_subject, "event.stored.>");
-    app.apply_topology().await;
-
-    app.start_projector().await;
-    wait_for_stored_version(&app, "default", "meter", "m7", 3).await;
-    app.create(json!({"event_type": "meter.read", "stream_id": "meter:m7", "data": {"n": 4}})).await;
-    wait_for_stored_version(&app, "default", "meter", "m7", 4).await;
-    let (status, projection) = app.get("/api/v1/events/projections/meter/m7").await;
-    assert_eq!(status, StatusCode::OK, "{projection}");
-    assert_eq!(projection["state"]["n"], 4, "{projection}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_are_gapless_in_jetstream_order_under_concurrent_http_and_nats() {
     let app = spawn_app().await;

@@ -1,29 +1,34 @@
-//! The projector's I/O shell for live events: finds which streams a batch of STORED messages
-//! touched, folds what is new in them into every projection that covers them, announces new
-//! projections.
-//!
-//! A STORED message exists only once its row is committed, and carries the event's stream
-//! version: nothing here waits for the persister or reads positions back.
+//! The projector's I/O shell for live events: finds which streams a batch touched, folds what
+//! is new in them into every projection that covers them, announces new projections.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use super::fold::{self, Fold};
 use super::read;
-use crate::domain::StreamId;
+use crate::domain::{Event, StreamId};
 use crate::infra::bus::Bus;
 use crate::infra::consume::{Batch, BatchHandler, Handled, Outcome, Transient};
 use crate::registry::definitions::{Definition, DefinitionRegistry};
+use crate::stages::watermark::Watermark;
+use crate::store::events::{self, StoredPosition};
 use crate::store::projections::{self, Projection, StreamEvent};
-use crate::wire::stored::{self, StoredStreamEvent};
+use crate::wire::codec;
+
+/// How long a batch waits for the persister before NAKing what is not stored yet.
+const STORE_WAIT: Duration = Duration::from_secs(1);
+const NOT_STORED_RETRY: Duration = Duration::from_millis(250);
 
 pub(super) struct Handler {
     pub pool: PgPool,
     pub bus: Bus,
     pub definitions: Arc<DefinitionRegistry>,
+    pub watermark: Watermark,
     pub snapshot_every: i64,
 }
 
@@ -39,18 +44,26 @@ pub(super) struct Arrived {
 
 impl BatchHandler for Handler {
     async fn handle(&self, batch: &Batch<'_>) -> Handled {
-        let outcomes = vec![Outcome::Ack; batch.messages.len()];
-        let decoded = batch.messages.iter().filter_map(|message| {
-            stored::decode_stream_event(message.headers.as_ref(), &message.payload)
-                .inspect_err(|error| {
-                    // Its stream is read back from PostgreSQL when its next event comes.
-                    tracing::warn!(subject = %message.subject, %error, "cannot read a STORED message; skipped");
-                })
-                .ok()
-        });
-        let arrived = arrivals(decoded);
-        if arrived.events.is_empty() {
+        let mut outcomes = vec![Outcome::Ack; batch.messages.len()];
+        let in_streams: Vec<(usize, u64, Event)> = batch
+            .messages
+            .iter()
+            .enumerate()
+            .filter_map(|(position, message)| {
+                let incoming = codec::decode(message).ok()?;
+                incoming.event.stream_id.is_some().then_some((position, incoming.stream_seq, incoming.event))
+            })
+            .collect();
+        if in_streams.is_empty() {
             return Ok(outcomes);
+        }
+        let ids: Vec<Uuid> = in_streams.iter().map(|(_, _, event)| event.event_id).collect();
+        let last_seq = in_streams.iter().map(|(_, seq, _)| *seq).max().unwrap_or(0);
+        self.watermark.wait_for(last_seq, STORE_WAIT).await;
+        let stored = events::stored_positions(&self.pool, &ids).await.map_err(database)?;
+        let (arrived, not_stored) = arrivals(in_streams, &stored);
+        for position in not_stored {
+            outcomes[position] = Outcome::Retry { after: NOT_STORED_RETRY };
         }
         let created = self.project(arrived).await.map_err(database)?;
         super::announce_created(&self.bus, &created).await;
@@ -63,35 +76,43 @@ fn database(error: sqlx::Error) -> Transient {
 }
 
 /// The batch's events by stream, in stream order: usually exactly what follows each
-/// projection's watermark, so they need not be read back. A message without its data (too
-/// large for NATS) or without a version makes its stream read from PostgreSQL, which holds
-/// what counts. Events in no stream are left out.
-pub(super) fn arrivals(decoded: impl IntoIterator<Item = StoredStreamEvent>) -> Arrived {
+/// projection's watermark, so they need not be read back. An event stored from another
+/// message (the same id sent twice) makes its stream read from PostgreSQL, which holds what
+/// counts. Returns the positions of events not stored yet too.
+pub(super) fn arrivals(
+    in_streams: Vec<(usize, u64, Event)>,
+    stored: &HashMap<Uuid, StoredPosition>,
+) -> (Arrived, Vec<usize>) {
     let mut arrived = Arrived::default();
-    for event in decoded {
-        let Some(stream_id) = event.stream_id else { continue };
-        match event.stream_version {
-            Some(stream_version) if !event.truncated => {
+    let mut not_stored = Vec::new();
+    for (position, seq, event) in in_streams {
+        let Some(row) = stored.get(&event.event_id) else {
+            not_stored.push(position);
+            continue;
+        };
+        match (&row.stream_id, row.stream_version) {
+            (Some(stream_id), Some(stream_version)) if row.stream_seq as u64 == seq => {
                 arrived.events.entry(stream_id.clone()).or_default().push(StreamEvent {
                     event_id: event.event_id,
                     event_type: event.event_type,
                     data: Value::Object(event.data),
-                    stream_id,
+                    stream_id: stream_id.clone(),
                     stream_version,
                     timestamp: event.timestamp,
                 });
             }
-            _ => {
+            (Some(stream_id), _) => {
                 arrived.events.entry(stream_id.clone()).or_default();
-                arrived.read.insert(stream_id);
+                arrived.read.insert(stream_id.clone());
             }
+            (None, _) => {}
         }
     }
     for events in arrived.events.values_mut() {
         events.sort_by_key(|event| event.stream_version);
         events.dedup_by_key(|event| event.stream_version);
     }
-    arrived
+    (arrived, not_stored)
 }
 
 impl Handler {
@@ -156,40 +177,39 @@ impl Handler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::Utc;
-    use uuid::Uuid;
+    use crate::domain::parse::{Defaults, parse_event};
+    use serde_json::json;
 
-    fn stored(stream: Option<&str>, version: Option<i64>, truncated: bool) -> StoredStreamEvent {
-        StoredStreamEvent {
-            event_id: Uuid::now_v7(),
-            event_type: "t".into(),
-            data: serde_json::Map::new(),
-            stream_id: stream.and_then(StreamId::parse),
-            stream_version: version,
-            timestamp: Utc::now(),
-            truncated,
+    fn event(stream: &str) -> Event {
+        parse_event(
+            json!({"event_type": "t", "stream_id": stream, "data": {"n": 1}}),
+            &Defaults::http(chrono::Utc::now()),
+        )
+        .unwrap()
+    }
+
+    fn row(event: &Event, seq: i64, version: i64) -> StoredPosition {
+        StoredPosition {
+            event_id: event.event_id,
+            stream_id: event.stream_id.clone(),
+            stream_version: Some(version),
+            stream_seq: seq,
         }
     }
 
     #[test]
-    fn stored_events_arrive_in_stream_order_and_cut_ones_are_read_back() {
-        let batch = vec![
-            stored(Some("a:1"), Some(2), false),
-            stored(Some("a:1"), Some(1), false),
-            stored(Some("b:1"), Some(1), true),
-            stored(None, None, false),
-            stored(Some("c:1"), None, false),
-            stored(Some("a:1"), Some(2), false),
-        ];
-        let arrived = arrivals(batch);
+    fn stored_events_arrive_in_stream_order_and_others_wait() {
+        let (a1, a2, b1, late) = (event("a:1"), event("a:1"), event("b:1"), event("a:1"));
+        let stored: HashMap<Uuid, StoredPosition> =
+            [row(&a1, 1, 1), row(&a2, 2, 2), row(&b1, 9, 1)].into_iter().map(|r| (r.event_id, r)).collect();
+        // b1 was stored from message 9, not from this message (8): its stream is read back.
+        let batch = vec![(0, 2, a2.clone()), (1, 1, a1.clone()), (2, 8, b1.clone()), (3, 3, late)];
+        let (arrived, not_stored) = arrivals(batch, &stored);
+        assert_eq!(not_stored, [3]);
         let a = StreamId::parse("a:1").unwrap();
         let versions: Vec<i64> = arrived.events[&a].iter().map(|e| e.stream_version).collect();
         assert_eq!(versions, [1, 2]);
-        assert!(!arrived.read.contains(&a));
-        for read_back in ["b:1", "c:1"] {
-            let stream = StreamId::parse(read_back).unwrap();
-            assert!(arrived.events[&stream].is_empty() && arrived.read.contains(&stream), "{read_back}");
-        }
-        assert_eq!(arrived.events.len(), 3);
+        let b = StreamId::parse("b:1").unwrap();
+        assert!(arrived.events[&b].is_empty() && arrived.read.contains(&b));
     }
 }

@@ -1,16 +1,15 @@
 //! The projector stage: keeps every projection of every entity stream up to date.
 //!
-//! Reads the durable `projector` consumer of STORED (pinned client: one projector pulls, a
-//! standby takes over within seconds when it stops): every stored event with its stream
-//! version, in the persister's order. Also reads the definitions registry, and the stored
-//! events from PostgreSQL in stream-version order when a batch does not continue a
-//! projection. Writes `event.event_projections` and `event.projection_snapshots` in one
-//! transaction per batch, then `event.projection.created` for projections seen for the first
-//! time; the consume loop then acks. Guarantees: applying is idempotent by the stream-version
-//! watermark, so a redelivery or a crash mid-batch changes nothing twice; a STORED message
-//! exists only once its row is committed, so nothing is folded before it is stored. New
-//! definitions (and rebuilt ones) catch up on the stored history in the background
-//! ([`catch_up`]), then stay live.
+//! Reads the durable `projector` consumer of EVENTS (pinned client: one projector pulls, a
+//! standby takes over within seconds when it stops) as the signal that streams changed, the
+//! definitions registry, and the stored events from PostgreSQL in stream-version order. Writes
+//! `event.event_projections` and `event.projection_snapshots` in one transaction per batch,
+//! then `event.projection.created` for projections seen for the first time; the consume loop
+//! then acks. Guarantees: applying is idempotent by the stream-version watermark, so a
+//! redelivery or a crash mid-batch changes nothing twice; a batch waits for the persister's
+//! position ([`crate::stages::watermark`]) and an event still not in PostgreSQL after a second
+//! is retried shortly. New definitions (and rebuilt ones) catch up on the stored history in
+//! the background ([`catch_up`]), then stay live.
 
 mod catch_up;
 pub mod fold;
@@ -22,6 +21,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::StageError;
+use super::watermark::Watermark;
 use crate::infra::bus::Bus;
 use crate::infra::consume::ConsumeLoop;
 use crate::infra::settings::ProjectorArgs;
@@ -45,10 +45,11 @@ pub struct Projector {
 
 impl Projector {
     pub async fn build(bus: Bus, pool: PgPool, settings: &ProjectorArgs) -> Result<Self, StageError> {
-        let consume = ConsumeLoop::build(&bus, streams::STORED, STAGE, MAX_BATCH).await?.pinned(GROUP);
+        let consume = ConsumeLoop::build(&bus, streams::EVENTS, STAGE, MAX_BATCH).await?.pinned(GROUP);
+        let watermark = Watermark::start(&bus, pool.clone()).await?;
         let definitions = Registry::load(pool.clone(), Definitions).await?;
         let snapshot_every = settings.snapshot_every as i64;
-        Ok(Self { consume, handler: Handler { pool, bus, definitions, snapshot_every } })
+        Ok(Self { consume, handler: Handler { pool, bus, definitions, watermark, snapshot_every } })
     }
 
     pub async fn run(self, token: CancellationToken) -> Result<(), StageError> {
