@@ -2,27 +2,25 @@
 //! with its NATS connection, so every part that talks to NATS can count without another
 //! argument), scraped at `/metrics`.
 //!
-//! Reads, at scrape time only: the consumers' info (backlog; every consumer of STORED, a
-//! downstream team's too), EVENTS' last sequence and the
-//! persister's stored position (lag), the PostgreSQL pool (usage). Writes nothing. Guarantees:
-//! names follow Prometheus conventions (`event_` prefix, `_total` counters, `_seconds`
-//! histograms in base units); labels have low cardinality: route templates never raw paths,
-//! no ids; a scrape never blocks for more than a second per consumer.
+//! Reads, at scrape time only, what [`sources`] reads: the consumers' info (backlog; every
+//! consumer of STORED, a downstream team's too), EVENTS' last sequence and the persister's
+//! stored position (lag), the PostgreSQL pool (usage). Writes nothing. Guarantees: names
+//! follow Prometheus conventions (`event_` prefix, `_total` counters, `_seconds` histograms in
+//! base units); labels have low cardinality: route templates never raw paths, no ids; a scrape
+//! never blocks for more than a second per consumer.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::stream::Stream;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
-use sqlx::PgPool;
 
-use crate::wire::subjects::streams::STORED;
+mod sources;
+
+use sources::Sources;
 
 /// `Content-Type` of a scrape.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -101,21 +99,6 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 /// Seconds, from half a millisecond to about 33 s.
 fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 17))
-}
-
-/// What a scrape reads besides the counters.
-#[derive(Default)]
-struct Sources {
-    consumers: Vec<(String, String, PullConsumer)>,
-    /// EVENTS and the pool holding the persister's position, when a persister runs here.
-    persister: Option<(Stream, PgPool)>,
-    pool: Option<PgPool>,
-    /// DEADLETTER, when this process serves the dead-letter endpoints (a gateway).
-    dead_letters: Option<Stream>,
-    /// STORED, when a persister runs here: its consumers (everyone's) are reported, and the
-    /// names last reported, to drop the gauges of a deleted one.
-    stored: Option<Stream>,
-    stored_consumers: Vec<String>,
 }
 
 /// Every metric of one process.
@@ -318,134 +301,6 @@ impl Metrics {
     pub fn accepted(&self, path: &'static str, n: usize) {
         self.events_accepted.get_or_create(&PathLabels { path }).inc_by(n as u64);
     }
-
-    /// Reports this consumer's backlog at every scrape.
-    pub fn watch_consumer(&self, stream: &str, consumer: &str, handle: PullConsumer) {
-        if let Ok(mut sources) = self.sources.lock() {
-            sources.consumers.push((stream.to_owned(), consumer.to_owned(), handle));
-        }
-    }
-
-    /// Reports the persister's lag at every scrape.
-    pub fn watch_persister(&self, events: Stream, pool: PgPool) {
-        if let Ok(mut sources) = self.sources.lock() {
-            sources.persister = Some((events, pool));
-        }
-    }
-
-    /// Reports the backlog of every consumer of STORED (downstream teams' too) at every
-    /// scrape, as `event_consumer_pending_messages{stream="STORED",consumer=...}`.
-    pub fn watch_stored(&self, stream: Stream) {
-        if let Ok(mut sources) = self.sources.lock() {
-            sources.stored = Some(stream);
-        }
-    }
-
-    /// Reports how many dead letters wait, per stage, at every scrape.
-    pub fn watch_dead_letters(&self, stream: Stream) {
-        if let Ok(mut sources) = self.sources.lock() {
-            sources.dead_letters = Some(stream);
-        }
-    }
-
-    /// Reports this pool's usage at every scrape.
-    pub fn watch_pool(&self, pool: PgPool) {
-        if let Ok(mut sources) = self.sources.lock() {
-            sources.pool = Some(pool);
-        }
-    }
-
-    /// Reads the gauges' sources, then encodes everything.
-    pub async fn scrape(&self) -> String {
-        self.refresh().await;
-        let mut text = String::new();
-        if let Err(error) = prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry) {
-            tracing::warn!(error = %error, "cannot encode the metrics");
-        }
-        text
-    }
-
-    async fn refresh(&self) {
-        let (consumers, persister, pool, dead_letters, stored) = match self.sources.lock() {
-            Ok(sources) => (
-                sources.consumers.clone(),
-                sources.persister.clone(),
-                sources.pool.clone(),
-                sources.dead_letters.clone(),
-                sources.stored.clone(),
-            ),
-            Err(_) => return,
-        };
-        if let Some(stream) = dead_letters {
-            self.count_dead_letters(&stream).await;
-        }
-        if let Some(stream) = stored {
-            self.report_stored_consumers(&stream).await;
-        }
-        for (stream, name, mut consumer) in consumers {
-            let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(1), consumer.info()).await else { continue };
-            let labels = ConsumerLabels { stream, consumer: name };
-            self.consumer_pending.get_or_create(&labels).set(info.num_pending as i64);
-            self.consumer_ack_pending.get_or_create(&labels).set(info.num_ack_pending as i64);
-        }
-        if let Some((mut events, pool)) = persister {
-            let stream = events.info().await.ok().map(|info| info.state.last_sequence);
-            let stored = crate::store::position::read_position(&pool, crate::wire::subjects::streams::EVENTS).await;
-            if let (Some(last), Ok(stored)) = (stream, stored) {
-                self.persister_lag.set(last.saturating_sub(stored) as i64);
-            }
-        }
-        if let Some(pool) = pool {
-            let (size, idle) = (pool.size() as i64, pool.num_idle() as i64);
-            self.db_connections.get_or_create(&PoolLabels { state: "idle" }).set(idle);
-            self.db_connections.get_or_create(&PoolLabels { state: "in_use" }).set((size - idle).max(0));
-        }
-    }
-}
-
-impl Metrics {
-    /// Sets the backlog of every consumer of STORED, and drops the gauges of one deleted since
-    /// the last scrape.
-    async fn report_stored_consumers(&self, stream: &Stream) {
-        let read = async {
-            let mut seen = Vec::new();
-            let mut infos = stream.consumers();
-            while let Some(Ok(info)) = futures::StreamExt::next(&mut infos).await {
-                let labels = ConsumerLabels { stream: STORED.to_owned(), consumer: info.name.clone() };
-                self.consumer_pending.get_or_create(&labels).set(info.num_pending as i64);
-                self.consumer_ack_pending.get_or_create(&labels).set(info.num_ack_pending as i64);
-                seen.push(info.name);
-            }
-            seen
-        };
-        let Ok(seen) = tokio::time::timeout(Duration::from_secs(1), read).await else { return };
-        let Ok(mut sources) = self.sources.lock() else { return };
-        for gone in sources.stored_consumers.iter().filter(|name| !seen.contains(name)) {
-            let labels = ConsumerLabels { stream: STORED.to_owned(), consumer: gone.clone() };
-            self.consumer_pending.remove(&labels);
-            self.consumer_ack_pending.remove(&labels);
-        }
-        sources.stored_consumers = seen;
-    }
-
-    /// Sets the stored dead letters per stage from DEADLETTER's per-subject counts (every known
-    /// stage gets a sample, 0 when it has none).
-    async fn count_dead_letters(&self, stream: &Stream) {
-        let read = async {
-            let mut counts = std::collections::HashMap::new();
-            let mut subjects = stream.info_with_subjects(crate::wire::subjects::DEADLETTER_WILDCARD).await.ok()?;
-            while let Some(Ok((subject, count))) = futures::StreamExt::next(&mut subjects).await {
-                let stage = subject.strip_prefix("deadletter.").map_or("other", super::deadletter::stage_name);
-                *counts.entry(stage).or_insert(0_i64) += count as i64;
-            }
-            Some(counts)
-        };
-        let Ok(Some(counts)) = tokio::time::timeout(Duration::from_secs(1), read).await else { return };
-        for stage in super::deadletter::STAGES {
-            let stored = counts.get(stage).copied().unwrap_or(0);
-            self.dead_letters_stored.get_or_create(&StageLabels { stage }).set(stored);
-        }
-    }
 }
 
 /// One process's metrics, shared.
@@ -529,7 +384,7 @@ mod tests {
     #[tokio::test]
     async fn the_readme_documents_every_metric_and_nothing_else() {
         let names = sample_names(&every_family().await);
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let section = readme.split("### Metrics").nth(1).and_then(|rest| rest.split("\n#").next()).unwrap_or("");
         let mut documented: Vec<String> = section
             .lines()
@@ -551,7 +406,7 @@ mod tests {
     async fn the_dashboard_asks_for_metrics_that_exist() {
         let names = sample_names(&every_family().await);
         let dashboard: serde_json::Value =
-            serde_json::from_str(include_str!("../../deploy/grafana/dashboards/event-service.json")).unwrap();
+            serde_json::from_str(include_str!("../../../deploy/grafana/dashboards/event-service.json")).unwrap();
         let mut asked = 0;
         for target in
             dashboard["panels"].as_array().unwrap().iter().flat_map(|panel| panel["targets"].as_array().unwrap())
