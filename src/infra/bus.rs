@@ -272,13 +272,13 @@ impl Bus {
             return Ok(BatchStored { last_sequence: 0, count: 0 });
         };
         for (index, mut message) in messages {
-            message.headers.insert(HeaderName::from_static("Nats-Batch-Id"), batch_id.as_str());
-            message.headers.insert(HeaderName::from_static("Nats-Batch-Sequence"), HeaderValue::from(index as u64 + 1));
+            message.headers.insert(BATCH_ID, batch_id.as_str());
+            message.headers.insert(BATCH_SEQUENCE, HeaderValue::from(index as u64 + 1));
             self.client.publish_with_headers(message.subject, message.headers, message.payload).await?;
         }
-        last.headers.insert(HeaderName::from_static("Nats-Batch-Id"), batch_id.as_str());
-        last.headers.insert(HeaderName::from_static("Nats-Batch-Sequence"), HeaderValue::from(count as u64));
-        last.headers.insert(HeaderName::from_static("Nats-Batch-Commit"), "1");
+        last.headers.insert(BATCH_ID, batch_id.as_str());
+        last.headers.insert(BATCH_SEQUENCE, HeaderValue::from(count as u64));
+        last.headers.insert(BATCH_COMMIT, "1");
         let reply = self.client.request_with_headers(last.subject, last.headers, last.payload).await?;
         let answer: BatchAnswer = serde_json::from_slice(&reply.payload)
             .map_err(|_| BusError::BatchRejected { code: 0, description: "unreadable batch acknowledgement".into() })?;
@@ -315,6 +315,11 @@ async fn settle(
     let ack = sent?.await?;
     Ok(Stored { sequence: ack.sequence, duplicate: ack.duplicate })
 }
+
+/// The headers of JetStream's atomic batch publish.
+const BATCH_ID: HeaderName = HeaderName::from_static("Nats-Batch-Id");
+const BATCH_SEQUENCE: HeaderName = HeaderName::from_static("Nats-Batch-Sequence");
+const BATCH_COMMIT: HeaderName = HeaderName::from_static("Nats-Batch-Commit");
 
 #[derive(Deserialize)]
 struct BatchAnswer {

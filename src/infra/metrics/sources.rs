@@ -17,16 +17,16 @@ use crate::wire::subjects::streams::STORED;
 /// What a scrape reads besides the counters.
 #[derive(Default)]
 pub(super) struct Sources {
-    pub(super) consumers: Vec<(String, String, PullConsumer)>,
+    consumers: Vec<(String, String, PullConsumer)>,
     /// EVENTS and the pool holding the persister's position, when a persister runs here.
-    pub(super) persister: Option<(Stream, PgPool)>,
-    pub(super) pool: Option<PgPool>,
+    persister: Option<(Stream, PgPool)>,
+    pool: Option<PgPool>,
     /// DEADLETTER, when this process serves the dead-letter endpoints (a gateway).
-    pub(super) dead_letters: Option<Stream>,
+    dead_letters: Option<Stream>,
     /// STORED, when a persister runs here: its consumers (everyone's) are reported, and the
     /// names last reported, to drop the gauges of a deleted one.
-    pub(super) stored: Option<Stream>,
-    pub(super) stored_consumers: Vec<String>,
+    stored: Option<Stream>,
+    stored_consumers: Vec<String>,
 }
 
 impl Metrics {
@@ -112,9 +112,7 @@ impl Metrics {
             self.db_connections.get_or_create(&PoolLabels { state: "in_use" }).set((size - idle).max(0));
         }
     }
-}
 
-impl Metrics {
     /// Sets the backlog of every consumer of STORED, and drops the gauges of one deleted since
     /// the last scrape.
     async fn report_stored_consumers(&self, stream: &Stream) {
