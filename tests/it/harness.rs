@@ -137,6 +137,8 @@ pub struct TestApp {
     pub nats_server: LocalNats,
     /// `EVENT_RETENTION_DAYS` of the next persister started.
     pub retention_days: Option<u32>,
+    /// `EVENT_STORED_STREAM` of the next persister started.
+    pub stored_stream: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -213,6 +215,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         projectors: Vec::new(),
         nats_server,
         retention_days: None,
+        stored_stream: true,
         _dir: dir,
     };
     if options.start_persister {
@@ -251,7 +254,7 @@ impl TestApp {
         let persister = Persister::build(
             self.bus.clone(),
             self.service_pool.clone(),
-            &PersisterArgs { batch_size: 500, retention_days: self.retention_days },
+            &PersisterArgs { batch_size: 500, retention_days: self.retention_days, stored_stream: self.stored_stream },
         )
         .await
         .expect("persister");

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::clients::python;
-use crate::harness::{TestApp, spawn_app, wait_until};
+use crate::harness::{Options, TestApp, spawn_app, spawn_app_with, wait_until};
 
 /// Sends events `range` as one batch of `order.*` events, answered once JetStream holds them.
 async fn send(app: &TestApp, range: std::ops::Range<usize>) {
@@ -134,4 +134,40 @@ fn the_readme_shows_the_checked_examples() {
     {
         assert!(readme.contains(example.trim_end()), "README lacks:\n{example}");
     }
+}
+
+/// The event ids STORED holds, in its order.
+async fn stored_ids(app: &TestApp) -> Vec<String> {
+    let stream = app.js.get_stream("STORED").await.unwrap();
+    let mut ids = Vec::new();
+    for sequence in 1..=stream.get_info().await.unwrap().state.last_sequence {
+        let message = stream.direct_get(sequence).await.unwrap();
+        let event: Value = serde_json::from_slice(&message.payload).unwrap();
+        ids.push(event["event_id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_stored_off_nothing_is_published_and_once_on_it_goes_on_from_the_new_rows() {
+    let mut app = spawn_app_with(Options { start_persister: false, ..Options::default() }).await;
+    app.stored_stream = false;
+    app.start_persister().await;
+    send(&app, 0..40).await;
+    app.wait_for_events(40, Duration::from_secs(30)).await;
+    // Whatever an announcing persister would have published after the commit has had time.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(stored_messages(&app).await, 0, "nothing on STORED while it is off");
+
+    app.stop_persister().await;
+    app.stored_stream = true;
+    app.start_persister().await;
+    send(&app, 40..70).await;
+    app.wait_for_events(70, Duration::from_secs(30)).await;
+    let published =
+        wait_until(Duration::from_secs(30), || async { (stored_messages(&app).await >= 30).then_some(()) }).await;
+    assert!(published.is_some(), "the new rows reach STORED");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let new_rows: Vec<String> = stored_rows(&app).await.into_iter().skip(40).map(|(id, _)| id).collect();
+    assert_eq!(stored_ids(&app).await, new_rows, "the rows stored since, in order, and none from before");
 }

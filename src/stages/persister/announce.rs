@@ -9,6 +9,10 @@
 //! leaving a hole, and two persisters can never interleave. What follows a failure is
 //! published again from the rows, starting where STORED ends, so a message is never repeated
 //! however long the persister was down (the duplicate window is only a second line).
+//!
+//! With STORED off (`EVENT_STORED_STREAM=false`) nothing is published: each write records its
+//! rows as announced ([`super::plan::announced_with_write`]), so STORED, once on again, goes
+//! on from the rows stored after that and never publishes the ones stored while it was off.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +40,8 @@ pub(super) struct Announcer {
     cursor: Mutex<Option<Cursor>>,
     /// What [`Announcer::record`] last wrote.
     recorded: AtomicU64,
+    /// False when STORED is off: rows count as announced without a message.
+    publishing: bool,
 }
 
 /// The rows of one write, to publish as they are (no need to read them back).
@@ -47,19 +53,28 @@ pub(super) struct Fresh<'a> {
 }
 
 impl Announcer {
-    pub async fn build(pool: PgPool, bus: Bus) -> Result<Self, BusError> {
+    pub async fn build(pool: PgPool, bus: Bus, publishing: bool) -> Result<Self, BusError> {
         let stored = bus
             .jetstream()
             .get_stream(streams::STORED)
             .await
             .map_err(|source| BusError::StreamLookup { name: streams::STORED.to_owned(), source })?;
         bus.metrics().watch_stored(stored.clone());
-        Ok(Self { pool, bus, stored, cursor: Mutex::new(None), recorded: AtomicU64::new(0) })
+        Ok(Self { pool, bus, stored, cursor: Mutex::new(None), recorded: AtomicU64::new(0), publishing })
+    }
+
+    /// False when STORED is off.
+    pub fn publishing(&self) -> bool {
+        self.publishing
     }
 
     /// Publishes every row stored up to `to`, given that the rows up to `from` were stored
     /// before this write and `fresh` holds the write's rows `(from, to]`.
     pub async fn announce(&self, from: u64, to: u64, fresh: Fresh<'_>) -> Result<(), Transient> {
+        if !self.publishing {
+            self.set(Some(Cursor { stored_last: 0, through: to.max(self.known()) }));
+            return Ok(());
+        }
         let cached = self.cursor.lock().ok().and_then(|cursor| *cursor);
         let mut cursor = match cached {
             Some(cursor) if cursor.through == from => cursor,

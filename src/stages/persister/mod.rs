@@ -90,7 +90,10 @@ impl Persister {
         let processors = Registry::load(pool.clone(), Processors { guard: Guard::default() }).await?;
         let schemas = Registry::load(pool.clone(), Schemas).await?;
         bus.metrics().watch_persister(events.clone(), pool.clone());
-        let announcer = announce::Announcer::build(pool.clone(), bus.clone()).await?;
+        if !settings.stored_stream {
+            tracing::warn!(stage = STAGE, "STORED is off (EVENT_STORED_STREAM=false): stored events are not published");
+        }
+        let announcer = announce::Announcer::build(pool.clone(), bus.clone(), settings.stored_stream).await?;
         let retention_days = settings.retention_days;
         let handler = Handler { pool, bus, events, processors, schemas, retention_days, announcer };
         Ok(Self { consume, handler, retention_days: settings.retention_days })

@@ -71,6 +71,13 @@ pub fn stored_resume_point(on_stored: Option<u64>, recorded: u64, stored_positio
     }
 }
 
+/// What a write records as on STORED (`announced_seq`): what this instance has published,
+/// or with STORED off, every row up to the write's end. The rows stored while STORED is off
+/// are never published, also not once it is on again: it goes on from the rows stored after.
+pub fn announced_with_write(publishing: bool, published: u64, advance_to: u64) -> u64 {
+    if publishing { published } else { advance_to.max(published) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +127,14 @@ mod tests {
     fn status_and_announcements() {
         assert_eq!(initial_status(true), EventStatus::Pending);
         assert_eq!(initial_status(false), EventStatus::Processed);
+    }
+
+    #[test]
+    fn with_stored_off_a_write_marks_its_rows_announced() {
+        assert_eq!(announced_with_write(true, 40, 50), 40, "published rows only");
+        assert_eq!(announced_with_write(false, 40, 50), 50);
+        // Once on again, STORED goes on after the rows stored while it was off.
+        assert_eq!(stored_resume_point(Some(30), announced_with_write(false, 40, 50), 50), 50);
     }
 
     #[test]
