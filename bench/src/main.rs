@@ -167,8 +167,13 @@ async fn main() -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // The service the bench starts inherits the environment: say when it changes what is measured.
+    let stored_stream = match (&started, std::env::var("EVENT_STORED_STREAM")) {
+        (Some(_), Ok(value)) => format!(", EVENT_STORED_STREAM={value}"),
+        _ => String::new(),
+    };
     println!(
-        "event-service {} at {url}{}; {}",
+        "event-service {} at {url}{}{stored_stream}; {}",
         health["version"].as_str().unwrap_or("?"),
         if started.is_some() { " (started by the bench)" } else { "" },
         report::machine()
