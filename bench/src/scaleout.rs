@@ -24,6 +24,7 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::Bench;
+use crate::cpu::{self, CpuTimes};
 use crate::report::Limit;
 
 const SUBSCRIPTIONS: usize = 10;
@@ -85,14 +86,14 @@ impl Topology {
         Ok(Self { dir, nats, postgres, pool, gateways, processes })
     }
 
-    /// CPU seconds so far of each process, and of PostgreSQL and nats-server.
-    fn cpu(&self) -> Vec<(String, f64)> {
-        let mut times: Vec<(String, f64)> =
-            self.processes.iter().map(|process| (process.name.clone(), process_cpu(process.id()))).collect();
-        let servers = crate::cpu::CpuTimes::now();
-        times.push(("PostgreSQL".to_owned(), servers.postgres));
-        times.push(("nats-server".to_owned(), servers.nats));
-        times
+    /// CPU so far of each process, and a reading of PostgreSQL and nats-server.
+    fn cpu(&self) -> (Vec<(String, f64)>, CpuTimes) {
+        let processes = self
+            .processes
+            .iter()
+            .map(|process| (process.name.clone(), cpu::process(process.id()).map_or(0.0, |stat| stat.own)))
+            .collect();
+        (processes, CpuTimes::now())
     }
 
     fn stop(mut self) {
@@ -116,16 +117,6 @@ async fn wait_healthy(url: &str) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!("{url} was not ready within 60 s")
-}
-
-/// utime + stime of one process, in seconds.
-fn process_cpu(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    let Some(close) = stat.rfind(')') else { return 0.0 };
-    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    fields.get(11..13).map_or(0.0, |cpu| cpu.iter().filter_map(|f| f.parse::<f64>().ok()).sum()) / ticks
 }
 
 /// What the receiver got: (subscription, event id) → deliveries.
@@ -251,10 +242,15 @@ impl Bench {
             "",
             Limit::None,
         );
+        let per_thousand = |seconds: f64| seconds * 1_000_000.0 / events as f64;
+        let servers = after.1.used_since(&before.1);
         let cpu: Vec<String> = after
+            .0
             .iter()
-            .zip(&before)
-            .map(|((name, now), (_, then))| format!("{name} {:.0} ms", (now - then) * 1_000_000.0 / events as f64))
+            .zip(&before.0)
+            .map(|((name, now), (_, then))| (name.as_str(), now - then))
+            .chain([("PostgreSQL", servers.postgres), ("nats-server", servers.nats)])
+            .map(|(name, seconds)| format!("{name} {:.0} ms", per_thousand(seconds)))
             .collect();
         self.report.cpu(&format!("Scale-out, {label}"), &cpu.join(" · "));
         self.scale_checks(topology, &label, events, seen).await
