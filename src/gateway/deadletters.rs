@@ -21,8 +21,8 @@ use crate::domain::fields::parse_timestamp;
 use crate::domain::{EventTypePattern, FieldError};
 use crate::infra::deadletter::letters::{DeadLetter, DeadLetters, Filter, SCAN_LIMIT};
 use crate::infra::deadletter::redrive;
-use crate::infra::deadletter::{STAGES, stage_name};
 use crate::infra::metrics::StageLabels;
+use crate::wire::subjects::{DEADLETTER_STAGES, deadletter_stage};
 
 /// Dead letters one call lists, purges or redrives at most.
 const MAX_PAGE: usize = 1000;
@@ -42,9 +42,9 @@ pub struct FilterParams {
 pub fn parse_filter(params: &FilterParams) -> Result<Filter, Vec<FieldError>> {
     let mut errors = Vec::new();
     let stage = params.stage.clone().filter(|stage| {
-        let known = STAGES.contains(&stage.as_str());
+        let known = DEADLETTER_STAGES.contains(&stage.as_str());
         if !known {
-            errors.push(FieldError::new("stage", format!("must be one of {}", STAGES.join(", "))));
+            errors.push(FieldError::new("stage", format!("must be one of {}", DEADLETTER_STAGES.join(", "))));
         }
         known
     });
@@ -202,7 +202,7 @@ pub async fn purge(State(state): State<AppState>, Query(params): Query<QueryPara
 }
 
 fn count_deleted(state: &AppState, stage: &str, n: u64) {
-    state.bus.metrics().dead_letters_deleted.get_or_create(&StageLabels { stage: stage_name(stage) }).inc_by(n);
+    state.bus.metrics().dead_letters_deleted.get_or_create(&StageLabels { stage: deadletter_stage(stage) }).inc_by(n);
 }
 
 /// A validated redrive request: which dead letters, and a corrected payload for one.
@@ -333,7 +333,7 @@ pub async fn redrive(State(state): State<AppState>, JsonBody(body): JsonBody) ->
                         false
                     }),
                 };
-                let labels = StageLabels { stage: stage_name(&letter.stage) };
+                let labels = StageLabels { stage: deadletter_stage(&letter.stage) };
                 state.bus.metrics().dead_letters_redriven.get_or_create(&labels).inc();
                 redriven.push(Redriven { seq: letter.seq, stage: letter.stage, action, replay_id, deleted });
             }

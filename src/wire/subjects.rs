@@ -78,6 +78,14 @@ pub fn deadletter_subject(stage: &str) -> String {
     format!("deadletter.{}", sanitize_token(stage))
 }
 
+/// The stages that dead-letter, by name (`deadletter.{stage}`).
+pub const DEADLETTER_STAGES: [&str; 6] = ["persister", "processor", "replayer", "dispatcher", "sender", "projector"];
+
+/// One of [`DEADLETTER_STAGES`], as a metric label takes it (anything else is `other`).
+pub fn deadletter_stage(stage: &str) -> &'static str {
+    DEADLETTER_STAGES.into_iter().find(|known| *known == stage).unwrap_or("other")
+}
+
 /// The notification subject of one gateway instance.
 pub fn stored_notify_subject(gateway_id: &str) -> String {
     format!("{STORED_NOTIFY_PREFIX}.{}", sanitize_token(gateway_id))
@@ -180,6 +188,13 @@ mod tests {
         assert_eq!(type_tokens("a b.c*"), "a_b.c_");
         assert_eq!(stored_subject("backend", "order", "order.placed"), "event.stored.backend.order.order.placed");
         assert_eq!(replay_subject("crm app", "backend", "order", "o.p"), "replay.crm_app.backend.order.o.p");
+    }
+
+    #[test]
+    fn dead_letter_stages_are_known_or_other() {
+        assert_eq!(deadletter_subject("sender"), "deadletter.sender");
+        assert_eq!(deadletter_stage("sender"), "sender");
+        assert_eq!(deadletter_stage("a stage from a newer version"), "other");
     }
 
     #[test]

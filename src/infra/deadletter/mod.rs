@@ -78,15 +78,7 @@ pub async fn publish(bus: &Bus, stage: &str, original: Original<'_>, rejection: 
     let copy =
         Outgoing { subject: subjects::deadletter_subject(stage), headers: copied, payload: original.payload.clone() };
     bus.publish(copy).await?;
-    let stage = stage_name(stage);
+    let stage = subjects::deadletter_stage(stage);
     bus.metrics().dead_letters.get_or_create(&DeadLetterLabels { stage, reason: rejection.code }).inc();
     Ok(())
-}
-
-/// The stages that dead-letter, by name.
-pub const STAGES: [&str; 6] = ["persister", "processor", "replayer", "dispatcher", "sender", "projector"];
-
-/// The stage as a metric label: one of the known stages (anything else is `other`).
-pub fn stage_name(stage: &str) -> &'static str {
-    STAGES.into_iter().find(|known| *known == stage).unwrap_or("other")
 }

@@ -144,13 +144,14 @@ impl Metrics {
             let mut counts = std::collections::HashMap::new();
             let mut subjects = stream.info_with_subjects(crate::wire::subjects::DEADLETTER_WILDCARD).await.ok()?;
             while let Some(Ok((subject, count))) = futures::StreamExt::next(&mut subjects).await {
-                let stage = subject.strip_prefix("deadletter.").map_or("other", crate::infra::deadletter::stage_name);
+                let stage =
+                    subject.strip_prefix("deadletter.").map_or("other", crate::wire::subjects::deadletter_stage);
                 *counts.entry(stage).or_insert(0_i64) += count as i64;
             }
             Some(counts)
         };
         let Ok(Some(counts)) = tokio::time::timeout(Duration::from_secs(1), read).await else { return };
-        for stage in crate::infra::deadletter::STAGES {
+        for stage in crate::wire::subjects::DEADLETTER_STAGES {
             let stored = counts.get(stage).copied().unwrap_or(0);
             self.dead_letters_stored.get_or_create(&StageLabels { stage }).set(stored);
         }
