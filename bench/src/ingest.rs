@@ -26,14 +26,19 @@ impl Bench {
         let bodies: Vec<Vec<Value>> = (0..total / batch)
             .map(|b| (0..batch).map(|i| sample(&run, &event_type, b * batch + i)).collect())
             .collect();
+        let cpu = CpuTimes::now();
         let elapsed = self.send_batches(&bodies, true, &format!("batches of {batch}, answered by JetStream")).await?;
+        let sent = total / batch * batch;
         self.report.rate(
             &format!("HTTP batch ingest, batches of {batch} (`Prefer: respond-async`)"),
-            (total / batch * batch) as f64 / elapsed.as_secs_f64(),
+            sent as f64 / elapsed.as_secs_f64(),
             "ev",
             "≥ 50 000 ev/s",
             Limit::JetStream,
         );
+        // Accepting them and everything the stages do with them once accepted.
+        self.cpu_cost(&format!("HTTP batch ingest, batches of {batch}, until every stage handled them"), &cpu, sent)
+            .await?;
         self.note_rss("batch ingest");
         Ok(())
     }

@@ -288,6 +288,7 @@ impl Bench {
             }
         }
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        let cpu = CpuTimes::now();
         let started = Instant::now();
         for chunk in 0..events / 100 {
             let batch: Vec<Value> =
@@ -307,6 +308,7 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let elapsed = started.elapsed();
+        let used = CpuTimes::now();
         {
             let mut state = state.lock().await;
             let delivered = state.seen.len();
@@ -327,6 +329,9 @@ impl Bench {
                 target.push_str(&format!(" (stopped at the {} s bound)", bound.as_secs()));
             }
             self.report.rate(&scenario, delivered as f64 / elapsed.as_secs_f64(), "delivery", &target, Limit::None);
+            if self.service_pid.is_some() {
+                self.report.cpu_per(&scenario, "deliveries", &used.per_thousand_since(&cpu, delivered));
+            }
             if let Some(latency) = &state.latency {
                 self.report.latency("created → delivered during that burst", latency, elapsed, "");
             }

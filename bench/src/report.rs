@@ -73,7 +73,12 @@ impl Report {
 
     /// What a scenario cost in CPU, per 1 000 events.
     pub fn cpu(&self, scenario: &str, per_thousand: &str) {
-        let scenario = format!("{scenario}: CPU per 1 000 events");
+        self.cpu_per(scenario, "events", per_thousand);
+    }
+
+    /// [`Report::cpu`] per 1 000 of something else than events (deliveries, say).
+    pub fn cpu_per(&self, scenario: &str, unit: &str, per_thousand: &str) {
+        let scenario = format!("{scenario}: CPU per 1 000 {unit}");
         println!("{scenario}: {per_thousand}");
         self.push(&scenario, per_thousand.to_owned(), "", String::new());
     }
