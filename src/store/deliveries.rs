@@ -31,7 +31,7 @@ pub struct Attempt {
 }
 
 /// An attempt to record.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct NewAttempt {
     pub subscription_id: String,
     pub event_id: Uuid,
@@ -88,29 +88,13 @@ pub async fn record(
     let delivered: Vec<&str> = outcomes.delivered.iter().map(String::as_str).collect();
     let failed: Vec<&str> =
         outcomes.failed.iter().filter(|id| !outcomes.delivered.contains(*id)).map(String::as_str).collect();
-    let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO event.delivery_attempts (subscription_id, event_id, webhook_id, attempt, status, status_code, \
-             duration_ms, error, next_attempt_at) \
-         SELECT subscription_id, event_id, webhook_id, attempt, status, status_code, duration_ms, error, next_attempt_at \
-         FROM jsonb_to_recordset($1) AS a(subscription_id text, event_id uuid, webhook_id text, attempt int, \
-              status text, status_code int, duration_ms float8, error text, next_attempt_at timestamptz) \
-         ON CONFLICT (subscription_id, event_id, attempt) DO UPDATE SET status = EXCLUDED.status, \
-             status_code = EXCLUDED.status_code, duration_ms = EXCLUDED.duration_ms, error = EXCLUDED.error, \
-             next_attempt_at = EXCLUDED.next_attempt_at, attempted_at = now()",
-    )
-    .bind(sqlx::types::Json(&outcomes.attempts))
-    .execute(&mut *tx)
-    .await?;
-    if !delivered.is_empty() {
-        sqlx::query(
-            "UPDATE event.event_subscriptions SET failing_since = NULL \
-             WHERE subscription_id = ANY($1) AND failing_since IS NOT NULL",
-        )
-        .bind(&delivered)
-        .execute(&mut *tx)
-        .await?;
+    if failed.is_empty() && outcomes.disable.is_empty() {
+        // The usual batch: one statement, a transaction of its own.
+        record_attempts(pool, &outcomes.attempts, &delivered).await?;
+        return Ok(Vec::new());
     }
+    let mut tx = pool.begin().await?;
+    record_attempts(&mut *tx, &outcomes.attempts, &delivered).await?;
     let mut disable = outcomes.disable.clone();
     if !failed.is_empty() {
         sqlx::query(
@@ -150,6 +134,40 @@ pub async fn record(
     }
     tx.commit().await?;
     Ok(disabled)
+}
+
+/// Writes the attempts (a redelivered attempt overwrites its own row) and clears the failure
+/// record of the subscriptions in `delivered`, in one statement.
+async fn record_attempts<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    attempts: &[NewAttempt],
+    delivered: &[&str],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH attempts AS ( \
+             INSERT INTO event.delivery_attempts (subscription_id, event_id, webhook_id, attempt, status, \
+                 status_code, duration_ms, error, next_attempt_at) \
+             SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::int4[], \
+                 $7::float8[], $8::text[], $9::timestamptz[]) \
+             ON CONFLICT (subscription_id, event_id, attempt) DO UPDATE SET status = EXCLUDED.status, \
+                 status_code = EXCLUDED.status_code, duration_ms = EXCLUDED.duration_ms, error = EXCLUDED.error, \
+                 next_attempt_at = EXCLUDED.next_attempt_at, attempted_at = now()) \
+         UPDATE event.event_subscriptions SET failing_since = NULL \
+         WHERE subscription_id = ANY($10) AND failing_since IS NOT NULL",
+    )
+    .bind(attempts.iter().map(|a| a.subscription_id.as_str()).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.event_id).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.webhook_id.as_str()).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.attempt).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.status.as_str()).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.status_code.map(i32::from)).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.duration_ms).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.error.as_deref()).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.next_attempt_at).collect::<Vec<_>>())
+    .bind(delivered)
+    .execute(executor)
+    .await?;
+    Ok(())
 }
 
 /// Delivery counts of one subscription.

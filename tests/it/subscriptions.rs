@@ -182,6 +182,15 @@ async fn deliveries_are_signed_and_filtered_by_type_source_and_category() {
     assert!(log.iter().all(|attempt| attempt["status"] == "delivered" && attempt["status_code"] == 200));
 }
 
+/// Since when every delivery to the subscription has failed (`None`: the last one went through).
+async fn failing_since(app: &TestApp, subscription: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
+    sqlx::query_scalar("SELECT failing_since FROM event.event_subscriptions WHERE subscription_id = $1")
+        .bind(subscription["subscription_id"].as_str().unwrap())
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_deliveries_retry_with_the_same_webhook_id_and_honour_retry_after() {
     let app = app_with_dispatcher().await;
@@ -211,6 +220,8 @@ async fn failed_deliveries_retry_with_the_same_webhook_id_and_honour_retry_after
     assert_eq!(log[1]["status_code"], 500);
     assert!(log[1]["next_attempt_at"].is_string());
     assert_eq!(log[1]["event_id"], id.as_str());
+    // The 500 opened the subscription's failure record; the delivery after it closed it.
+    assert_eq!(failing_since(&app, &flaky).await, None);
 
     // 429 with Retry-After: 1 waits a second, not the 50 ms schedule.
     let busy = hooks.arrivals("busy");
@@ -255,6 +266,7 @@ async fn gone_disables_and_other_client_errors_are_not_retried() {
     assert_eq!(paths.iter().filter(|p| *p == "reject").count(), 2, "one attempt per event, never retried");
     let log = deliveries(&app, reject["subscription_id"].as_str().unwrap()).await;
     assert!(log.iter().all(|a| a["status"] == "failed" && a["status_code"] == 400 && a["attempt"] == 1));
+    assert!(failing_since(&app, &reject).await.is_some(), "every delivery failed: the failure record is open");
     let letters = app.wait_for_dead_letters(3).await;
     let codes: Vec<String> = letters
         .iter()
