@@ -36,8 +36,10 @@ use crate::wire::TraceContext;
 use crate::wire::deliveries::{self as delivery, DeliveryKey};
 use crate::wire::domain_events::{DomainEvent, SubscriptionDisabled};
 
-/// Group-commit calls to PostgreSQL at once, per kind (attempt reads, attempt records).
-const DB_CALLS: usize = 4;
+/// Group-commit calls to PostgreSQL at once, per kind (attempt reads, attempt records). Two
+/// keep one call gathering while the other runs; more only make each call smaller (four cost
+/// about 15 % more PostgreSQL CPU per delivery in the fan-out bench).
+const DB_CALLS: usize = 2;
 
 pub(super) struct Handler {
     pub registry: Arc<SubscriptionRegistry>,
