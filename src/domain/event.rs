@@ -40,8 +40,10 @@ pub struct Event {
     /// The entity stream this event belongs to, if any.
     pub stream_id: Option<StreamId>,
     /// When the event happened, as the producer says.
+    #[serde(serialize_with = "super::rfc3339::serialize")]
     pub timestamp: DateTime<Utc>,
     /// When the service first accepted it.
+    #[serde(serialize_with = "super::rfc3339::serialize")]
     pub created_at: DateTime<Utc>,
 }
 

@@ -7,6 +7,7 @@ pub mod fields;
 pub mod kinds;
 pub mod parse;
 pub mod pattern;
+pub mod rfc3339;
 pub mod secret;
 pub mod status;
 

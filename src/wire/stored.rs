@@ -8,14 +8,14 @@
 //! EVENTS sequence it was stored from ([`headers::EVENTS_SEQUENCE`]), which is how the
 //! persister finds where STORED ends after a crash.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
 use super::message::Outgoing;
 use super::trace::TraceContext;
 use super::{headers, subjects};
-use crate::domain::{Event, EventCategory, EventSource, JsonObject, StreamId};
+use crate::domain::{Event, EventCategory, EventSource, JsonObject, StreamId, rfc3339};
 
 /// The version of the payload's schema (`jetstream/schemas/stored-event.v{N}.json`), in the
 /// [`headers::SCHEMA_VERSION`] header.
@@ -60,8 +60,11 @@ struct Payload<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     stream_version: Option<i64>,
     stream_seq: u64,
+    #[serde(serialize_with = "rfc3339::serialize")]
     timestamp: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339::serialize")]
     created_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339::serialize")]
     stored_at: DateTime<Utc>,
 }
 
@@ -119,7 +122,7 @@ impl StoredRecord<'_> {
             .with_header("ce-id", &id)
             .with_header("ce-source", &percent_encode(&ce_source(event)))
             .with_header("ce-type", &percent_encode(&event.event_type))
-            .with_header("ce-time", &event.timestamp.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+            .with_header("ce-time", &rfc3339::to_string(&event.timestamp))
             .with_header("content-type", "application/json");
         if let Some(stream_id) = &event.stream_id {
             message = message.with_header("ce-subject", &percent_encode(stream_id.as_str()));
