@@ -169,7 +169,7 @@ pub struct PersisterArgs {
     /// Publish every stored event to STORED, the public stream for downstream JetStream
     /// consumers. `false` when nothing reads STORED saves about 15 % of the CPU per stored
     /// event; the events stored while it is off are never published, also not once it is on
-    /// again.
+    /// again. Events stored before, while it was on, are published first.
     #[arg(
         long = "stored-stream",
         env = "EVENT_STORED_STREAM",

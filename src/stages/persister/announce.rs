@@ -10,12 +10,17 @@
 //! published again from the rows, starting where STORED ends, so a message is never repeated
 //! however long the persister was down (the duplicate window is only a second line).
 //!
-//! With STORED off (`EVENT_STORED_STREAM=false`) nothing is published: each write records its
-//! rows as announced ([`super::plan::announced_with_write`]), so STORED, once on again, goes
-//! on from the rows stored after that and never publishes the ones stored while it was off.
+//! With STORED off (`EVENT_STORED_STREAM=false`) the rows this instance stores are not
+//! published: each write records them as announced ([`super::plan::announced_with_write`]), so
+//! STORED, once on again, goes on from the rows stored after that and never publishes the ones
+//! stored while it was off. Before its first write counts anything as announced, it publishes
+//! the rows an earlier run stored with STORED on but had not published (a crash, a failed
+//! publish): turning STORED off never drops a row stored while it was on. Only when STORED
+//! refuses them for [`SETTLE_PATIENCE`] does it give up on them, with an error naming the range.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream::Stream;
 use sqlx::PgPool;
@@ -32,6 +37,10 @@ use crate::wire::{Outgoing, headers};
 /// Rows read per round when publishing again from PostgreSQL.
 const CATCH_UP_ROWS: i64 = 1_000;
 
+/// With STORED off, how long the rows an earlier run left unpublished hold back acks before
+/// they are given up (STORED may be what is broken, and why it was turned off).
+pub(super) const SETTLE_PATIENCE: Duration = Duration::from_secs(30);
+
 pub(super) struct Announcer {
     pool: PgPool,
     bus: Bus,
@@ -42,6 +51,8 @@ pub(super) struct Announcer {
     recorded: AtomicU64,
     /// False when STORED is off: rows count as announced without a message.
     publishing: bool,
+    /// With STORED off, since when publishing the earlier run's rows has failed.
+    settle_failing_since: Mutex<Option<Instant>>,
 }
 
 /// The rows of one write, to publish as they are (no need to read them back).
@@ -60,7 +71,15 @@ impl Announcer {
             .await
             .map_err(|source| BusError::StreamLookup { name: streams::STORED.to_owned(), source })?;
         bus.metrics().watch_stored(stored.clone());
-        Ok(Self { pool, bus, stored, cursor: Mutex::new(None), recorded: AtomicU64::new(0), publishing })
+        Ok(Self {
+            pool,
+            bus,
+            stored,
+            cursor: Mutex::new(None),
+            recorded: AtomicU64::new(0),
+            publishing,
+            settle_failing_since: Mutex::new(None),
+        })
     }
 
     /// False when STORED is off.
@@ -72,11 +91,9 @@ impl Announcer {
     /// before this write and `fresh` holds the write's rows `(from, to]`.
     pub async fn announce(&self, from: u64, to: u64, fresh: Fresh<'_>) -> Result<(), Transient> {
         if !self.publishing {
-            self.set(Some(Cursor { stored_last: 0, through: to.max(self.known()) }));
-            return Ok(());
+            return self.pass_over(from, to).await;
         }
-        let cached = self.cursor.lock().ok().and_then(|cursor| *cursor);
-        let mut cursor = match cached {
+        let mut cursor = match self.cursor() {
             Some(cursor) if cursor.through == from => cursor,
             _ => self.find_end(from).await?,
         };
@@ -112,13 +129,64 @@ impl Announcer {
 
     /// How far STORED holds the rows, as this instance knows it (0: it must look).
     pub fn known(&self) -> u64 {
-        self.cursor.lock().ok().and_then(|cursor| *cursor).map_or(0, |cursor| cursor.through)
+        self.through().unwrap_or(0)
+    }
+
+    /// How far STORED holds the rows, `None` until this instance has looked.
+    pub fn through(&self) -> Option<u64> {
+        self.cursor().map(|cursor| cursor.through)
+    }
+
+    fn cursor(&self) -> Option<Cursor> {
+        self.cursor.lock().ok().and_then(|cursor| *cursor)
     }
 
     fn set(&self, cursor: Option<Cursor>) {
         if let Ok(mut slot) = self.cursor.lock() {
             *slot = cursor;
         }
+    }
+
+    /// With STORED off: the rows `(from, to]` count as on STORED without a message, once the
+    /// rows up to `from` that an earlier run stored with STORED on are published.
+    async fn pass_over(&self, from: u64, to: u64) -> Result<(), Transient> {
+        let through = match self.through() {
+            Some(through) => through,
+            None => self.settle(from).await?,
+        };
+        self.set(Some(Cursor { stored_last: 0, through: to.max(through) }));
+        Ok(())
+    }
+
+    /// Publishes the rows up to `from` not yet on STORED, and returns how far STORED holds
+    /// them. A failure holds the caller's acks, until [`SETTLE_PATIENCE`] has passed.
+    async fn settle(&self, from: u64) -> Result<u64, Transient> {
+        let result = match self.find_end(from).await {
+            Ok(cursor) => self.catch_up(cursor, from).await,
+            Err(error) => Err(error),
+        };
+        let mut failing_since = self.settle_failing_since.lock().ok();
+        let error = match result {
+            Ok(cursor) => {
+                if let Some(slot) = failing_since.as_deref_mut() {
+                    *slot = None;
+                }
+                return Ok(cursor.through);
+            }
+            Err(error) => error,
+        };
+        let since =
+            failing_since.as_deref_mut().map_or_else(Instant::now, |slot| *slot.get_or_insert_with(Instant::now));
+        if !plan::give_up_settling(since.elapsed(), SETTLE_PATIENCE) {
+            return Err(error);
+        }
+        tracing::error!(
+            stage = STAGE,
+            error = %error,
+            up_to = from,
+            "STORED is off and refused the rows an earlier run stored with it on; they are not published (they are in PostgreSQL)"
+        );
+        Ok(from)
     }
 
     /// Where STORED ends: its last sequence, and the EVENTS sequence of its last message (the
@@ -148,6 +216,14 @@ impl Announcer {
             .map_err(|error| Transient::new("cannot read the persister position", error))?
             .max(stored_position);
         let through = plan::stored_resume_point(on_stored, recorded, stored_position);
+        if let Some(skipped) = plan::passed_over(on_stored, recorded, stored_position) {
+            tracing::info!(
+                stage = STAGE,
+                after = skipped.0,
+                through = skipped.1,
+                "rows stored while STORED was off are not on it; it goes on after them"
+            );
+        }
         tracing::info!(stage = STAGE, stored_last = last, through, "found where STORED ends");
         Ok(Cursor { stored_last: last, through })
     }

@@ -141,7 +141,7 @@ impl Handler {
         let mut ordered: Vec<&Envelope> = store.iter().map(|&index| &envelopes[index]).chain(&filled).collect();
         ordered.sort_by_key(|envelope| envelope.seq);
         let to_store = self.decode_all(ordered, &mut outcomes).await?;
-        let announced = plan::announced_with_write(self.announcer.publishing(), self.announcer.known(), advance_to);
+        let announced = plan::announced_with_write(self.announcer.publishing(), self.announcer.through(), advance_to);
         let advance = Advance { stream: streams::EVENTS, from: stored_up_to, to: advance_to, announced };
         let Some(Write { written, complete }) = self.write(&to_store, advance, &mut outcomes).await? else {
             return Ok(Attempt::Again);

@@ -4,6 +4,7 @@
 //! Reads nothing, writes nothing.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use crate::domain::EventStatus;
 
@@ -71,11 +72,33 @@ pub fn stored_resume_point(on_stored: Option<u64>, recorded: u64, stored_positio
     }
 }
 
-/// What a write records as on STORED (`announced_seq`): what this instance has published,
-/// or with STORED off, every row up to the write's end. The rows stored while STORED is off
-/// are never published, also not once it is on again: it goes on from the rows stored after.
-pub fn announced_with_write(publishing: bool, published: u64, advance_to: u64) -> u64 {
-    if publishing { published } else { advance_to.max(published) }
+/// The rows `(after, through]` STORED passes over when it resumes: stored while it was off
+/// (recorded as announced beyond its last message). `None` when there are none, or when
+/// STORED's last message is from before EVENTS was recreated.
+pub fn passed_over(on_stored: Option<u64>, recorded: u64, stored_position: u64) -> Option<(u64, u64)> {
+    let last = on_stored.filter(|&last| last <= stored_position)?;
+    let through = stored_resume_point(on_stored, recorded, stored_position);
+    (through > last).then_some((last, through))
+}
+
+/// What a write records as on STORED (`announced_seq`), given how far this instance knows
+/// STORED holds the rows (`None`: it has not looked yet): what it has published, or with
+/// STORED off, every row up to the write's end. The rows stored while STORED is off are never
+/// published, also not once it is on again: it goes on from the rows stored after. Until it
+/// has looked, it records nothing: rows an earlier run stored with STORED on may still wait
+/// to be published.
+pub fn announced_with_write(publishing: bool, known: Option<u64>, advance_to: u64) -> u64 {
+    match (publishing, known) {
+        (true, known) => known.unwrap_or(0),
+        (false, Some(known)) => advance_to.max(known),
+        (false, None) => 0,
+    }
+}
+
+/// With STORED off, whether to stop trying to publish an earlier run's rows after failing
+/// for `failing_for`.
+pub fn give_up_settling(failing_for: Duration, patience: Duration) -> bool {
+    failing_for >= patience
 }
 
 #[cfg(test)]
@@ -131,10 +154,28 @@ mod tests {
 
     #[test]
     fn with_stored_off_a_write_marks_its_rows_announced() {
-        assert_eq!(announced_with_write(true, 40, 50), 40, "published rows only");
-        assert_eq!(announced_with_write(false, 40, 50), 50);
+        assert_eq!(announced_with_write(true, Some(40), 50), 40, "published rows only");
+        assert_eq!(announced_with_write(true, None, 50), 0);
+        assert_eq!(announced_with_write(false, Some(40), 50), 50);
+        // Not before the earlier run's rows are published: they may still wait.
+        assert_eq!(announced_with_write(false, None, 50), 0);
         // Once on again, STORED goes on after the rows stored while it was off.
-        assert_eq!(stored_resume_point(Some(30), announced_with_write(false, 40, 50), 50), 50);
+        assert_eq!(stored_resume_point(Some(30), announced_with_write(false, Some(40), 50), 50), 50);
+        assert_eq!(passed_over(Some(30), 50, 50), Some((30, 50)));
+    }
+
+    #[test]
+    fn only_rows_stored_while_off_are_passed_over() {
+        assert_eq!(passed_over(Some(50), 40, 60), None, "the record lags STORED");
+        assert_eq!(passed_over(None, 40, 60), None, "nothing on STORED to compare");
+        assert_eq!(passed_over(Some(5_000), 40, 60), None, "EVENTS recreated");
+    }
+
+    #[test]
+    fn an_earlier_runs_rows_hold_acks_for_a_while_only() {
+        let patience = Duration::from_secs(30);
+        assert!(!give_up_settling(Duration::from_secs(29), patience));
+        assert!(give_up_settling(patience, patience));
     }
 
     #[test]
