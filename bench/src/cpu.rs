@@ -68,6 +68,15 @@ pub fn process(pid: u32) -> Option<ProcStat> {
     parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?, clock_ticks())
 }
 
+/// Seconds of CPU one process used between two readings of it; `None` when it ended (or its
+/// pid went to another process) in between, so its figure is unknown rather than wrong.
+pub fn process_used(before: Option<&ProcStat>, after: Option<&ProcStat>) -> Option<f64> {
+    match (before, after) {
+        (Some(before), Some(after)) if before.start == after.start => Some(after.own - before.own),
+        _ => None,
+    }
+}
+
 /// Seconds of CPU used, by kind of process.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Used {
@@ -132,11 +141,13 @@ impl CpuTimes {
             let then = before.processes.get(key).map_or(0.0, |then| then.seconds);
             used.add(now.kind, now.seconds - then);
         }
-        let alive = |pid: u32| self.processes.keys().any(|(alive, _)| *alive == pid);
         for (key, then) in &before.processes {
-            let parent_counted =
-                before.processes.iter().any(|((pid, _), parent)| *pid == then.parent && parent.kind == then.kind);
-            if !self.processes.contains_key(key) && parent_counted && alive(then.parent) {
+            // The parent counted in both readings (pid and start time): its children count
+            // holds what the ended process used, before the first reading too.
+            let parent_took_it = before.processes.iter().any(|(parent_key, parent)| {
+                parent_key.0 == then.parent && parent.kind == then.kind && self.processes.contains_key(parent_key)
+            });
+            if !self.processes.contains_key(key) && parent_took_it {
                 used.add(then.kind, -then.seconds);
             }
         }
@@ -197,6 +208,21 @@ mod tests {
         let after = reading(&[(20, stat("postgres", 1, 5, 1.2, 4.5))]);
         let used = after.used_since(&before);
         assert!((used.postgres - 0.7).abs() < 1e-9, "{used:?}");
+    }
+
+    #[test]
+    fn a_backend_whose_postmaster_restarted_under_the_same_pid_is_not_subtracted() {
+        let before = reading(&[(20, stat("postgres", 1, 5, 1.0, 0.0)), (21, stat("postgres", 20, 6, 4.0, 0.0))]);
+        let after = reading(&[(20, stat("postgres", 1, 90, 0.3, 0.0))]);
+        assert!((after.used_since(&before).postgres - 0.3).abs() < 1e-9);
+    }
+
+    #[test]
+    fn one_process_is_compared_with_itself_only() {
+        let (then, now) = (stat("event-service", 1, 5, 2.0, 0.0), stat("event-service", 1, 5, 2.5, 0.0));
+        assert_eq!(process_used(Some(&then), Some(&now)), Some(0.5));
+        assert_eq!(process_used(Some(&then), None), None, "ended");
+        assert_eq!(process_used(Some(&then), Some(&stat("event-service", 1, 9, 0.1, 0.0))), None, "pid reused");
     }
 
     #[test]

@@ -290,6 +290,7 @@ impl Bench {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let cpu = CpuTimes::now();
         let started = Instant::now();
+        let started_at = chrono::Utc::now();
         for chunk in 0..events / 100 {
             let batch: Vec<Value> =
                 (0..100).map(|i| json!({"event_type": "bench.fanout", "data": {"n": chunk * 100 + i}})).collect();
@@ -308,6 +309,8 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let elapsed = started.elapsed();
+        let delivered = state.lock().await.seen.len();
+        self.wait_recorded(delivered, started_at).await;
         let used = CpuTimes::now();
         {
             let mut state = state.lock().await;
@@ -345,6 +348,26 @@ impl Bench {
             let _ = self.delete(&format!("/api/v1/events/subscriptions/bench-fan-{i}")).send().await;
         }
         Ok(())
+    }
+
+    /// Waits (at most 10 s) until the delivery log holds the `delivered` deliveries of the bench
+    /// subscriptions made since `since`, so the CPU figure includes recording the last of them.
+    async fn wait_recorded(&self, delivered: usize, since: chrono::DateTime<chrono::Utc>) {
+        let Some(pool) = &self.pool else { return };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let recorded: Result<i64, _> = sqlx::query_scalar(
+                "SELECT count(*) FROM event.delivery_attempts \
+                 WHERE subscription_id LIKE 'bench-fan-%' AND status = 'delivered' AND attempted_at >= $1",
+            )
+            .bind(since)
+            .fetch_one(pool)
+            .await;
+            if recorded.map_or(true, |recorded| recorded >= delivered as i64) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Latency without a backlog: one event at a time, each to every subscription.

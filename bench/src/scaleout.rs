@@ -87,12 +87,9 @@ impl Topology {
     }
 
     /// CPU so far of each process, and a reading of PostgreSQL and nats-server.
-    fn cpu(&self) -> (Vec<(String, f64)>, CpuTimes) {
-        let processes = self
-            .processes
-            .iter()
-            .map(|process| (process.name.clone(), cpu::process(process.id()).map_or(0.0, |stat| stat.own)))
-            .collect();
+    fn cpu(&self) -> (Vec<(String, Option<cpu::ProcStat>)>, CpuTimes) {
+        let processes =
+            self.processes.iter().map(|process| (process.name.clone(), cpu::process(process.id()))).collect();
         (processes, CpuTimes::now())
     }
 
@@ -248,9 +245,12 @@ impl Bench {
             .0
             .iter()
             .zip(&before.0)
-            .map(|((name, now), (_, then))| (name.as_str(), now - then))
-            .chain([("PostgreSQL", servers.postgres), ("nats-server", servers.nats)])
-            .map(|(name, seconds)| format!("{name} {:.0} ms", per_thousand(seconds)))
+            .map(|((name, now), (_, then))| (name.as_str(), cpu::process_used(then.as_ref(), now.as_ref())))
+            .chain([("PostgreSQL", Some(servers.postgres)), ("nats-server", Some(servers.nats))])
+            .map(|(name, seconds)| match seconds {
+                Some(seconds) => format!("{name} {:.0} ms", per_thousand(seconds)),
+                None => format!("{name} ended"),
+            })
             .collect();
         self.report.cpu(&format!("Scale-out, {label}"), &cpu.join(" · "));
         self.scale_checks(topology, &label, events, seen).await
