@@ -227,9 +227,32 @@ pub async fn delete(pool: &PgPool, id: &str) -> Result<bool, sqlx::Error> {
 #[derive(Debug, Default)]
 pub struct SubscriptionSet {
     pub by_id: HashMap<String, Arc<Subscription>>,
+    /// Each subscription's callback URL, parsed once per load instead of once per delivery;
+    /// absent when it has none or it is not a URL.
+    callbacks: HashMap<String, reqwest::Url>,
 }
 
 impl SubscriptionSet {
+    pub fn new(subscriptions: impl IntoIterator<Item = Subscription>) -> Self {
+        let by_id: HashMap<String, Arc<Subscription>> = subscriptions
+            .into_iter()
+            .map(|subscription| (subscription.subscription_id.clone(), Arc::new(subscription)))
+            .collect();
+        let callbacks = by_id
+            .iter()
+            .filter_map(|(id, subscription)| {
+                let url = reqwest::Url::parse(subscription.callback_url.as_deref()?).ok()?;
+                Some((id.clone(), url))
+            })
+            .collect();
+        Self { by_id, callbacks }
+    }
+
+    /// The subscription's callback URL, parsed; `None` when it has none or it is not a URL.
+    pub fn callback(&self, subscription_id: &str) -> Option<&reqwest::Url> {
+        self.callbacks.get(subscription_id)
+    }
+
     /// Enabled subscriptions with a callback URL that take this event.
     pub fn matching<'a>(&'a self, event: &'a Event) -> impl Iterator<Item = &'a Arc<Subscription>> + 'a {
         self.by_id.values().filter(move |subscription| subscription.deliverable() && subscription.matches(event))
@@ -250,12 +273,7 @@ impl Source for Subscriptions {
     const CHANGED: &'static str = subjects::SUBSCRIPTIONS_CHANGED;
 
     async fn load(&self, pool: &PgPool) -> Result<SubscriptionSet, sqlx::Error> {
-        let by_id = list(pool)
-            .await?
-            .into_iter()
-            .map(|subscription| (subscription.subscription_id.clone(), Arc::new(subscription)))
-            .collect();
-        Ok(SubscriptionSet { by_id })
+        Ok(SubscriptionSet::new(list(pool).await?))
     }
 }
 
@@ -263,7 +281,7 @@ impl Source for Subscriptions {
 pub type SubscriptionRegistry = Registry<Subscriptions>;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -274,17 +292,17 @@ mod tests {
         assert_eq!(format!("{secret:?}"), "[redacted]");
     }
 
-    #[test]
-    fn a_replaced_secret_signs_until_its_overlap_ends() {
+    /// A subscription with this id and callback URL, enabled, every other field empty.
+    pub(crate) fn subscription(id: &str, callback_url: Option<&str>) -> Subscription {
         let now = Utc::now();
-        let mut subscription = Subscription {
-            subscription_id: "s".into(),
+        Subscription {
+            subscription_id: id.into(),
             subscriber_name: "n".into(),
             subscriber_type: "service".into(),
             event_types: vec![],
             event_sources: None,
             event_categories: None,
-            callback_url: None,
+            callback_url: callback_url.map(str::to_owned),
             webhook_secret: Secret::new("new-secret"),
             previous_secret: None,
             previous_secret_expires_at: None,
@@ -295,7 +313,25 @@ mod tests {
             disabled_reason: None,
             created_at: now,
             updated_at: now,
-        };
+        }
+    }
+
+    #[test]
+    fn a_set_parses_each_callback_url_once() {
+        let set = SubscriptionSet::new([
+            subscription("a", Some("https://hooks.example.com/in?x=1")),
+            subscription("b", Some("not a url")),
+            subscription("c", None),
+        ]);
+        assert_eq!(set.callback("a").map(reqwest::Url::as_str), Some("https://hooks.example.com/in?x=1"));
+        assert_eq!((set.callback("b"), set.callback("c"), set.callback("gone")), (None, None, None));
+        assert_eq!(set.by_id.len(), 3, "a subscription without a usable URL is still in the set");
+    }
+
+    #[test]
+    fn a_replaced_secret_signs_until_its_overlap_ends() {
+        let now = Utc::now();
+        let mut subscription = subscription("s", None);
         assert_eq!(subscription.signing_secrets(now), ["new-secret"]);
         subscription.previous_secret = Some(Secret::new("old-secret"));
         subscription.previous_secret_expires_at = Some(now + chrono::Duration::seconds(60));

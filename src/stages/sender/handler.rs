@@ -97,6 +97,12 @@ impl Handler {
     }
 }
 
+/// Where a delivery goes: its subscription, and its callback URL as the set parsed it.
+struct Target<'a> {
+    subscription: &'a Subscription,
+    callback: Option<&'a reqwest::Url>,
+}
+
 /// One attempt to record, and the reason to disable its subscription, if any.
 #[derive(Clone)]
 pub(super) struct Record {
@@ -182,7 +188,8 @@ impl Handler {
                     let span = tracing::info_span!("delivery", subscription_id = %key.subscription_id,
                         event_id = %key.event_id, trace_id = %trace.trace_id_hex());
                     let call = telemetry::within(&span, &trace);
-                    self.deliver(subscription, key, attempt, &message.payload, &call, lane).instrument(span).await
+                    let to = Target { subscription, callback: set.callback(&key.subscription_id) };
+                    self.deliver(to, key, attempt, &message.payload, &call, lane).instrument(span).await
                 }
             })
             .collect();
@@ -204,13 +211,14 @@ impl Handler {
     /// One attempt (or the decision not to make one).
     async fn deliver(
         &self,
-        subscription: &Subscription,
+        to: Target<'_>,
         key: &DeliveryKey,
         attempt: i32,
         body: &Bytes,
         trace: &TraceContext,
         mut lane: Slot,
     ) -> Attempted {
+        let Target { subscription, callback } = to;
         let id = &subscription.subscription_id;
         let webhook_id = format!("msg_{}", key.event_id.simple());
         let row = |status, code, duration_ms, error, retry_in: Option<std::time::Duration>| NewAttempt {
@@ -224,7 +232,7 @@ impl Handler {
             error,
             next_attempt_at: retry_in.map(|wait| Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default()),
         };
-        let url = match verdict::gate(subscription) {
+        let url = match verdict::gate(subscription, callback) {
             Gate::Send(url) => url,
             Gate::Skip(reason) => {
                 let row = row(DeliveryStatus::Skipped, None, 0.0, Some(reason.to_owned()), None);
@@ -240,7 +248,7 @@ impl Handler {
         let mut headers = vec![("event-service-subscription", id.as_str())];
         headers.extend(trace_headers.iter().map(|(name, value)| (*name, value.as_str())));
         let request = callback::Request {
-            url: &url,
+            url,
             body,
             headers,
             timeout: None,

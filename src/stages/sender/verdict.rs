@@ -13,19 +13,20 @@ use crate::registry::subscriptions::{RetryPolicy, Subscription};
 
 /// Whether a delivery goes out.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Gate {
+pub enum Gate<'a> {
     /// Send it to this URL.
-    Send(reqwest::Url),
+    Send(&'a reqwest::Url),
     /// Recorded as skipped, not sent: `recover` can queue it again.
     Skip(&'static str),
 }
 
-/// A disabled subscription or one without a usable callback URL is skipped.
-pub fn gate(subscription: &Subscription) -> Gate {
+/// A disabled subscription or one without a usable callback URL (`callback`, parsed) is
+/// skipped.
+pub fn gate<'a>(subscription: &Subscription, callback: Option<&'a reqwest::Url>) -> Gate<'a> {
     if !subscription.enabled {
         return Gate::Skip("subscription disabled");
     }
-    match subscription.callback_url.as_deref().and_then(|url| reqwest::Url::parse(url).ok()) {
+    match callback {
         Some(url) => Gate::Send(url),
         None => Gate::Skip("subscription has no callback_url"),
     }
@@ -103,6 +104,16 @@ mod tests {
 
     fn policy() -> RetryPolicy {
         RetryPolicy { max_retries: 2, backoff_seconds: vec![1.0, 10.0] }
+    }
+
+    #[test]
+    fn only_an_enabled_subscription_with_a_url_is_sent_to() {
+        let url = reqwest::Url::parse("https://hooks.example.com/in").expect("a URL");
+        let mut subscription = crate::registry::subscriptions::tests::subscription("s", Some(url.as_str()));
+        assert_eq!(gate(&subscription, Some(&url)), Gate::Send(&url));
+        assert_eq!(gate(&subscription, None), Gate::Skip("subscription has no callback_url"));
+        subscription.enabled = false;
+        assert_eq!(gate(&subscription, Some(&url)), Gate::Skip("subscription disabled"));
     }
 
     #[test]
