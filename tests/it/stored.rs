@@ -47,6 +47,28 @@ async fn stored_messages(app: &TestApp) -> u64 {
     app.js.get_stream("STORED").await.unwrap().get_info().await.unwrap().state.messages
 }
 
+/// Waits until STORED holds `count` messages.
+async fn wait_for_stored(app: &TestApp, count: u64, what: &str) {
+    let reached =
+        wait_until(Duration::from_secs(30), || async { (stored_messages(app).await == count).then_some(()) }).await;
+    assert!(reached.is_some(), "{what}: STORED holds {} messages, not {count}", stored_messages(app).await);
+}
+
+/// Makes STORED refuse every message (it takes no subject the persister publishes on) and
+/// returns its configuration, to put back with [`resume_stored`].
+async fn pause_stored(app: &TestApp) -> async_nats::jetstream::stream::Config {
+    let mut stored = app.js.get_stream("STORED").await.unwrap();
+    let mut config = stored.info().await.unwrap().config.clone();
+    let working = config.clone();
+    config.subjects = vec!["paused.>".to_owned()];
+    app.js.update_stream(config).await.unwrap();
+    working
+}
+
+async fn resume_stored(app: &TestApp, config: async_nats::jetstream::stream::Config) {
+    app.js.update_stream(config).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_downstream_consumer_gets_every_stored_event_once_in_order_across_a_persister_crash() {
     let mut app = spawn_app().await;
@@ -57,16 +79,11 @@ async fn a_downstream_consumer_gets_every_stored_event_once_in_order_across_a_pe
     app.publish("events.backend.order.order.native", async_nats::HeaderMap::new(), native).await;
     app.wait_for_events(51, Duration::from_secs(30)).await;
     app.wait_for_dead_letters(1).await;
-    let published =
-        wait_until(Duration::from_secs(30), || async { (stored_messages(&app).await == 51).then_some(()) }).await;
-    assert!(published.is_some(), "the first 51 on STORED");
+    wait_for_stored(&app, 51, "the first 51").await;
 
     // STORED stops taking messages: the rows are stored, their STORED messages fail and the
     // persister holds them.
-    let mut stored = app.js.get_stream("STORED").await.unwrap();
-    let mut config = stored.info().await.unwrap().config.clone();
-    config.subjects = vec!["paused.>".to_owned()];
-    app.js.update_stream(config.clone()).await.unwrap();
+    let mut config = pause_stored(&app).await;
     send(&app, 50..120).await;
     app.wait_for_events(121, Duration::from_secs(30)).await;
     assert_eq!(stored_messages(&app).await, 51, "nothing more reached STORED while it refused");
@@ -74,9 +91,8 @@ async fn a_downstream_consumer_gets_every_stored_event_once_in_order_across_a_pe
     // A crash with rows committed and not on STORED. STORED comes back with a duplicate window
     // too short to help: only the persister's own resume point keeps it from repeating.
     app.kill_persister().await;
-    config.subjects = vec!["event.stored.>".to_owned()];
     config.duplicate_window = Duration::from_secs(1);
-    app.js.update_stream(config).await.unwrap();
+    resume_stored(&app, config).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     app.start_persister().await;
     send(&app, 120..150).await;
@@ -179,27 +195,19 @@ async fn turned_off_it_still_publishes_what_an_earlier_run_stored_with_it_on() {
     let mut app = spawn_app().await;
     send(&app, 0..20).await;
     app.wait_for_events(20, Duration::from_secs(30)).await;
-    let published =
-        wait_until(Duration::from_secs(30), || async { (stored_messages(&app).await == 20).then_some(()) }).await;
-    assert!(published.is_some(), "the first 20 on STORED");
+    wait_for_stored(&app, 20, "the first 20").await;
 
     // STORED refuses: the next rows are committed and not published when the persister dies.
-    let mut stored = app.js.get_stream("STORED").await.unwrap();
-    let mut config = stored.info().await.unwrap().config.clone();
-    config.subjects = vec!["paused.>".to_owned()];
-    app.js.update_stream(config.clone()).await.unwrap();
+    let config = pause_stored(&app).await;
     send(&app, 20..50).await;
     app.wait_for_events(50, Duration::from_secs(30)).await;
     app.kill_persister().await;
     assert_eq!(stored_messages(&app).await, 20, "nothing more reached STORED while it refused");
 
-    config.subjects = vec!["event.stored.>".to_owned()];
-    app.js.update_stream(config).await.unwrap();
+    resume_stored(&app, config).await;
     app.stored_stream = false;
     app.start_persister().await;
-    let caught_up =
-        wait_until(Duration::from_secs(30), || async { (stored_messages(&app).await == 50).then_some(()) }).await;
-    assert!(caught_up.is_some(), "the rows stored while STORED was on reach it, with it off now");
+    wait_for_stored(&app, 50, "the rows stored while STORED was on reach it, with it off now").await;
     send(&app, 50..60).await;
     app.wait_for_events(60, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
