@@ -165,28 +165,30 @@ impl Announcer {
             Ok(cursor) => self.catch_up(cursor, from).await,
             Err(error) => Err(error),
         };
-        let mut failing_since = self.settle_failing_since.lock().ok();
-        let error = match result {
-            Ok(cursor) => {
-                if let Some(slot) = failing_since.as_deref_mut() {
-                    *slot = None;
-                }
-                return Ok(cursor.through);
+        let failing_for = self.settle_failing_for(result.is_err());
+        match result {
+            Ok(cursor) => Ok(cursor.through),
+            Err(error) if !plan::give_up_settling(failing_for, SETTLE_PATIENCE) => Err(error),
+            Err(error) => {
+                tracing::error!(
+                    stage = STAGE,
+                    error = %error,
+                    up_to = from,
+                    "STORED is off and refused the rows an earlier run stored with it on; they are not published (they are in PostgreSQL)"
+                );
+                Ok(from)
             }
-            Err(error) => error,
-        };
-        let since =
-            failing_since.as_deref_mut().map_or_else(Instant::now, |slot| *slot.get_or_insert_with(Instant::now));
-        if !plan::give_up_settling(since.elapsed(), SETTLE_PATIENCE) {
-            return Err(error);
         }
-        tracing::error!(
-            stage = STAGE,
-            error = %error,
-            up_to = from,
-            "STORED is off and refused the rows an earlier run stored with it on; they are not published (they are in PostgreSQL)"
-        );
-        Ok(from)
+    }
+
+    /// How long settling has failed, counting this attempt (`failed`); zero once it works.
+    fn settle_failing_for(&self, failed: bool) -> Duration {
+        let Ok(mut since) = self.settle_failing_since.lock() else { return Duration::ZERO };
+        if !failed {
+            *since = None;
+            return Duration::ZERO;
+        }
+        since.get_or_insert_with(Instant::now).elapsed()
     }
 
     /// Where STORED ends: its last sequence, and the EVENTS sequence of its last message (the
