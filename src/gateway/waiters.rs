@@ -89,33 +89,46 @@ pub struct Waiting {
 impl Waiting {
     /// Waits until every event is stored, at most `timeout`. True when they all are.
     /// PostgreSQL is asked directly now and then (at once when `check_first`), which covers
-    /// duplicates (JetStream stored nothing new, so nobody will notify) and lost notifications.
+    /// duplicates (JetStream stored nothing new, so nobody will notify) and lost notifications;
+    /// see [`ask_store`] for when.
     pub async fn wait(mut self, pool: &PgPool, timeout: Duration, check_first: bool) -> bool {
         let start = tokio::time::Instant::now();
         let deadline = start + timeout;
         let mut interval = Duration::from_millis(250);
         let mut check_at = if check_first { start } else { start + interval };
+        let mut heard = false;
         while !self.remaining.is_empty() {
             match tokio::time::timeout_at(check_at.min(deadline), self.receiver.recv()).await {
                 Ok(Some(id)) => {
-                    self.remaining.remove(&id);
+                    heard |= self.remaining.remove(&id);
                 }
                 Ok(None) | Err(_) => {
-                    let ids: Vec<Uuid> = self.remaining.iter().copied().collect();
-                    if let Ok(found) = events::stored_ids(pool, &ids).await {
-                        self.remaining.retain(|id| !found.contains(id));
-                    }
                     let now = tokio::time::Instant::now();
-                    if self.remaining.is_empty() || now >= deadline {
-                        break;
+                    if ask_store(heard, now >= deadline) {
+                        let ids: Vec<Uuid> = self.remaining.iter().copied().collect();
+                        if let Ok(found) = events::stored_ids(pool, &ids).await {
+                            self.remaining.retain(|id| !found.contains(id));
+                        }
+                        if self.remaining.is_empty() || tokio::time::Instant::now() >= deadline {
+                            break;
+                        }
+                        interval = (interval * 2).min(Duration::from_secs(1));
                     }
-                    check_at = now + interval;
-                    interval = (interval * 2).min(Duration::from_secs(1));
+                    heard = false;
+                    check_at = tokio::time::Instant::now() + interval;
                 }
             }
         }
         self.remaining.is_empty()
     }
+}
+
+/// Whether a waiting request asks PostgreSQL which of its events are stored, when its check
+/// is due. Not while notifications for it are still coming in (`heard` since the last check):
+/// the persister is working through its events, and a lost notification is found by the
+/// check after the last one. Always at the deadline, the last chance to answer "stored".
+fn ask_store(heard: bool, at_deadline: bool) -> bool {
+    at_deadline || !heard
 }
 
 impl Drop for Waiting {
@@ -129,5 +142,18 @@ impl Drop for Waiting {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ask_store;
+
+    #[test]
+    fn the_store_is_asked_when_notifications_stall_or_time_is_up() {
+        assert!(ask_store(false, false), "nothing heard since the last check");
+        assert!(!ask_store(true, false), "the persister is still notifying");
+        assert!(ask_store(true, true), "the deadline is the last chance");
+        assert!(ask_store(false, true));
     }
 }
