@@ -64,7 +64,7 @@ pub async fn create(
     let message = message.with_header(headers::NOTIFY, state.waiters.subject());
     let waiting = state.waiters.register(&[event.event_id]);
     let stored = state.publish_one(CREATE, &trace, message).await?;
-    let in_database = waiting.wait(&state.pool, state.store_timeout, stored.duplicate).await;
+    let in_database = waiting.wait(&state.pool, state.store_timeout, stored.duplicate, Some(stored.sequence)).await;
     Ok(answer(in_database, body))
 }
 
@@ -126,8 +126,8 @@ pub async fn batch(
     }
     let ids: Vec<Uuid> = events.iter().map(|event| event.event_id).collect();
     let waiting = state.waiters.register(&ids);
-    let seen_before = publish_new(&state, BATCH, &trace, messages).await?;
-    let in_database = waiting.wait(&state.pool, state.store_timeout, seen_before).await;
+    let published = publish_new(&state, BATCH, &trace, messages).await?;
+    let in_database = waiting.wait(&state.pool, state.store_timeout, published.seen_before, published.through).await;
     Ok(answer(in_database, body))
 }
 
@@ -196,19 +196,26 @@ fn accepted_async(body: Vec<u8>) -> Response {
     response
 }
 
+/// What [`publish_new`] did.
+pub(super) struct Published {
+    /// Some events had been accepted before (nobody will announce those as stored).
+    pub seen_before: bool,
+    /// The EVENTS sequence of the last event published now; none when nothing was.
+    pub through: Option<u64>,
+}
+
 /// Publishes a batch atomically, leaving out the events that are already stored.
 ///
 /// A client that retries a batch (its answer was lost, say) sends event ids JetStream has
 /// seen, and JetStream refuses an atomic batch holding any id it has already stored. The ids
 /// PostgreSQL has are then dropped and the rest published again, as one batch still; ids that
-/// are in JetStream but not yet in PostgreSQL are waited for, up to the store timeout. True
-/// when some events had been accepted before (nobody will announce those as stored).
+/// are in JetStream but not yet in PostgreSQL are waited for, up to the store timeout.
 pub(super) async fn publish_new(
     state: &AppState,
     path: &'static str,
     trace: &TraceContext,
     messages: Vec<(Uuid, Outgoing)>,
-) -> Result<bool, ApiError> {
+) -> Result<Published, ApiError> {
     let _admitted = state.admit(path, messages.len()).await?;
     let mut messages: Vec<_> = messages.into_iter().map(|(id, message)| (id, message.with_trace(trace))).collect();
     let deadline = tokio::time::Instant::now() + state.store_timeout;
@@ -216,9 +223,9 @@ pub(super) async fn publish_new(
     loop {
         let batch = messages.iter().map(|(_, message)| message.clone()).collect();
         let error = match state.bus.publish_atomic(batch).await {
-            Ok(_) => {
+            Ok(stored) => {
                 state.bus.metrics().accepted(path, messages.len());
-                return Ok(seen_before);
+                return Ok(Published { seen_before, through: Some(stored.last_sequence) });
             }
             Err(error) if error.is_duplicate_in_batch() => error,
             Err(error) => {
@@ -230,7 +237,7 @@ pub(super) async fn publish_new(
         let stored = stored::stored_ids(&state.pool, &ids).await?;
         messages.retain(|(id, _)| !stored.contains(id));
         if messages.is_empty() {
-            return Ok(true);
+            return Ok(Published { seen_before, through: None });
         }
         if stored.is_empty() && tokio::time::Instant::now() >= deadline {
             tracing::warn!(%error, "batch holds event ids JetStream has but PostgreSQL does not have yet");

@@ -131,7 +131,7 @@ impl Gateway {
         settings: &GatewayArgs,
         token: CancellationToken,
     ) -> Result<Self, GatewayError> {
-        let waiters = StoredWaiters::start(&bus, token.clone()).await?;
+        let waiters = StoredWaiters::start(&bus, pool.clone(), token.clone()).await?;
         let keys = Keys { admin: ApiKeys::new(&settings.api_keys), ingest: ApiKeys::new(&settings.ingest_keys) };
         check_keys(&keys, settings.http_addr, settings.allow_unauthenticated)?;
         if !keys.enabled() {

@@ -1,8 +1,9 @@
 //! Read-your-writes: lets a create request wait until the persister has stored its events.
 //!
 //! Reads this gateway's core-NATS notification subject (the persister publishes the ids it
-//! stored there, named by the `Event-Service-Notify` header of each event), and PostgreSQL as
-//! the fallback when a notification is late or lost. Writes nothing.
+//! stored there, named by the `Event-Service-Notify` header of each event), the persister's
+//! position notices ([`Watermark`]), and PostgreSQL as the fallback when a notification is
+//! late or lost. Writes nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::infra::bus::{Bus, BusError};
+use crate::stages::watermark::Watermark;
 use crate::store::events;
 use crate::wire::subjects;
 
@@ -24,14 +26,16 @@ type Pending = HashMap<Uuid, Vec<mpsc::UnboundedSender<Uuid>>>;
 pub struct StoredWaiters {
     subject: String,
     pending: Mutex<Pending>,
+    persisted: Watermark,
 }
 
 impl StoredWaiters {
     /// Subscribes to this gateway's notification subject and starts routing notifications.
-    pub async fn start(bus: &Bus, token: CancellationToken) -> Result<Arc<Self>, BusError> {
+    pub async fn start(bus: &Bus, pool: PgPool, token: CancellationToken) -> Result<Arc<Self>, BusError> {
         let subject = subjects::stored_notify_subject(&Uuid::now_v7().simple().to_string());
         let mut subscription = bus.client().subscribe(subject.clone()).await?;
-        let waiters = Arc::new(Self { subject, pending: Mutex::new(HashMap::new()) });
+        let persisted = Watermark::start(bus, pool).await?;
+        let waiters = Arc::new(Self { subject, pending: Mutex::new(HashMap::new()), persisted });
         let routed = Arc::clone(&waiters);
         tokio::spawn(async move {
             loop {
@@ -88,23 +92,26 @@ pub struct Waiting {
 
 impl Waiting {
     /// Waits until every event is stored, at most `timeout`. True when they all are.
+    /// `through` is the EVENTS sequence of the request's last event, when known.
     /// PostgreSQL is asked directly now and then (at once when `check_first`), which covers
     /// duplicates (JetStream stored nothing new, so nobody will notify) and lost notifications;
     /// see [`ask_store`] for when.
-    pub async fn wait(mut self, pool: &PgPool, timeout: Duration, check_first: bool) -> bool {
+    pub async fn wait(mut self, pool: &PgPool, timeout: Duration, mut check_first: bool, through: Option<u64>) -> bool {
         let start = tokio::time::Instant::now();
         let deadline = start + timeout;
         let mut interval = Duration::from_millis(250);
         let mut check_at = if check_first { start } else { start + interval };
-        let mut heard = false;
+        let mut persisted = self.waiters.persisted.heard();
         while !self.remaining.is_empty() {
             match tokio::time::timeout_at(check_at.min(deadline), self.receiver.recv()).await {
                 Ok(Some(id)) => {
-                    heard |= self.remaining.remove(&id);
+                    self.remaining.remove(&id);
                 }
                 Ok(None) | Err(_) => {
-                    let now = tokio::time::Instant::now();
-                    if ask_store(heard, now >= deadline) {
+                    let (before, now) = (persisted, self.waiters.persisted.heard());
+                    persisted = now;
+                    let at_deadline = tokio::time::Instant::now() >= deadline;
+                    if check_first || ask_store(at_deadline, through, before, now) {
                         let ids: Vec<Uuid> = self.remaining.iter().copied().collect();
                         if let Ok(found) = events::stored_ids(pool, &ids).await {
                             self.remaining.retain(|id| !found.contains(id));
@@ -114,7 +121,7 @@ impl Waiting {
                         }
                         interval = (interval * 2).min(Duration::from_secs(1));
                     }
-                    heard = false;
+                    check_first = false;
                     check_at = tokio::time::Instant::now() + interval;
                 }
             }
@@ -124,11 +131,14 @@ impl Waiting {
 }
 
 /// Whether a waiting request asks PostgreSQL which of its events are stored, when its check
-/// is due. Not while notifications for it are still coming in (`heard` since the last check):
-/// the persister is working through its events, and a lost notification is found by the
-/// check after the last one. Always at the deadline, the last chance to answer "stored".
-fn ask_store(heard: bool, at_deadline: bool) -> bool {
-    at_deadline || !heard
+/// is due. Not while the persister is still short of the request's last event (`through`)
+/// and has moved since the last check (`before` → `now`, as its notices told): its
+/// notifications will come, and asking would only add load to a busy database. Otherwise yes:
+/// the persister is past the request (a notification was lost, or an event dead-lettered),
+/// or stalled, or its notices are not arriving; and always at the deadline.
+fn ask_store(at_deadline: bool, through: Option<u64>, before: u64, now: u64) -> bool {
+    let working_towards = through.is_some_and(|through| now < through) && now > before;
+    at_deadline || !working_towards
 }
 
 impl Drop for Waiting {
@@ -150,10 +160,11 @@ mod tests {
     use super::ask_store;
 
     #[test]
-    fn the_store_is_asked_when_notifications_stall_or_time_is_up() {
-        assert!(ask_store(false, false), "nothing heard since the last check");
-        assert!(!ask_store(true, false), "the persister is still notifying");
-        assert!(ask_store(true, true), "the deadline is the last chance");
-        assert!(ask_store(false, true));
+    fn the_store_is_asked_unless_the_persister_is_working_towards_the_request() {
+        assert!(!ask_store(false, Some(100), 10, 50), "moving, not there yet");
+        assert!(ask_store(false, Some(100), 50, 50), "stalled");
+        assert!(ask_store(false, Some(100), 50, 100), "past the request: a notification is missing");
+        assert!(ask_store(false, None, 10, 50), "the request's sequence is unknown");
+        assert!(ask_store(true, Some(100), 10, 50), "the deadline is the last chance");
     }
 }

@@ -1,5 +1,6 @@
 //! How far the persister has stored EVENTS, as the stages that need an event's row before
-//! they act on it (the processor's status write, the projector's fold) see it.
+//! they act on it (the processor's status write, the projector's fold) see it, and as the
+//! gateway's waiting requests see it (to know when asking PostgreSQL is worth it).
 //!
 //! Reads the core-NATS subject `_EVSVC.persisted`, on which the persister publishes its
 //! position after every commit, and `event.persister_position` as the fallback when a notice
@@ -71,6 +72,12 @@ impl Watermark {
                 _ = poll => { self.read().await; }
             }
         }
+    }
+
+    /// The position as the persister's notices told it, without asking PostgreSQL: 0 until
+    /// the first notice, behind the truth when a notice was lost.
+    pub fn heard(&self) -> u64 {
+        *self.position.borrow()
     }
 
     /// Reads the position from PostgreSQL, takes it in and returns the watermark.
