@@ -139,19 +139,49 @@ pub struct StoredPosition {
     pub stream_seq: i64,
 }
 
-/// The stored events among `ids`, by id.
-pub async fn stored_positions(pool: &PgPool, ids: &[Uuid]) -> Result<HashMap<Uuid, StoredPosition>, sqlx::Error> {
-    let Some(span) = by_id::span(pool, ids).await? else { return Ok(HashMap::new()) };
+/// The stored events among `ids`, by id. `seqs` are the EVENTS sequences the caller read
+/// them from: when they lie close together, as a live batch's do, one range read of the
+/// sequence index finds them (a probe per partition, against two probes per id by id); what
+/// it misses (an event stored from another message, or not stored yet) is read by id.
+pub async fn stored_positions(
+    pool: &PgPool,
+    ids: &[Uuid],
+    seqs: &[u64],
+) -> Result<HashMap<Uuid, StoredPosition>, sqlx::Error> {
+    let mut found = HashMap::with_capacity(ids.len());
+    if let Some((first, last)) = dense_range(seqs) {
+        let wanted: HashSet<&Uuid> = ids.iter().collect();
+        let rows: Vec<StoredPosition> = sqlx::query_as(
+            "SELECT event_id, stream_id, stream_version, stream_seq FROM event.events \
+             WHERE stream_seq BETWEEN $1 AND $2",
+        )
+        .bind(first as i64)
+        .bind(last as i64)
+        .fetch_all(pool)
+        .await?;
+        found.extend(rows.into_iter().filter(|row| wanted.contains(&row.event_id)).map(|row| (row.event_id, row)));
+    }
+    let missing: Vec<Uuid> = ids.iter().filter(|id| !found.contains_key(*id)).copied().collect();
+    let Some(span) = by_id::span(pool, &missing).await? else { return Ok(found) };
     let rows: Vec<StoredPosition> = sqlx::query_as(
         "SELECT event_id, stream_id, stream_version, stream_seq FROM event.events \
          WHERE event_id = ANY($1) AND stored_at BETWEEN $2 AND $3",
     )
-    .bind(ids)
+    .bind(&missing)
     .bind(span.first)
     .bind(span.last)
     .fetch_all(pool)
     .await?;
-    Ok(rows.into_iter().map(|row| (row.event_id, row)).collect())
+    found.extend(rows.into_iter().map(|row| (row.event_id, row)));
+    Ok(found)
+}
+
+/// The span of `seqs` when a range read of it is worth it: it holds few sequences besides
+/// these (a live batch is nearly contiguous; a batch with an old redelivery in it is not).
+fn dense_range(seqs: &[u64]) -> Option<(u64, u64)> {
+    let (first, last) = (*seqs.iter().min()?, *seqs.iter().max()?);
+    let span = last - first + 1;
+    (span <= 2 * seqs.len() as u64 + 64).then_some((first, last))
 }
 
 /// An entity stream's row: its type, version (events in it) and when it began and last grew.
@@ -191,4 +221,19 @@ pub async fn stream_events(
     .bind(limit)
     .fetch_all(pool)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dense_range;
+
+    #[test]
+    fn a_range_is_read_only_when_the_sequences_are_close_together() {
+        assert_eq!(dense_range(&[]), None);
+        assert_eq!(dense_range(&[7]), Some((7, 7)));
+        assert_eq!(dense_range(&[12, 10, 11]), Some((10, 12)));
+        let live: Vec<u64> = (1_000..2_000).filter(|seq| seq % 3 != 0).collect();
+        assert_eq!(dense_range(&live), Some((1_000, 1_999)), "other stages' events in between");
+        assert_eq!(dense_range(&[5, 1_000_000]), None, "an old redelivery among new messages");
+    }
 }

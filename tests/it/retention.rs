@@ -402,9 +402,24 @@ async fn reads_by_id_find_events_in_every_day_they_were_stored() {
     asked.push(Uuid::now_v7());
     let found: Vec<Uuid> = events::events_by_ids(&app.pool, &asked).await.unwrap().iter().map(|e| e.event_id).collect();
     assert_eq!(found, ids, "every stored one, in stream order; the unknown id is not");
-    let positions = events::stored_positions(&app.pool, &asked).await.unwrap();
-    assert_eq!(positions.len(), 6);
-    assert_eq!(positions[&ids[0]].stream_version, Some(1));
-    assert_eq!(positions[&ids[5]].stream_version, Some(6));
+    let seqs: Vec<u64> = sqlx::query_scalar::<_, i64>(
+        "SELECT stream_seq FROM event.events WHERE event_id = ANY($1) ORDER BY stream_seq",
+    )
+    .bind(&ids)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|seq| seq as u64)
+    .collect();
+    // By id alone, by the range of the messages' sequences (as the projector asks), and with
+    // half of the events outside the range given (stored from other messages): all the same.
+    for given in [&[][..], &seqs[..], &seqs[3..]] {
+        let positions = events::stored_positions(&app.pool, &asked, given).await.unwrap();
+        let versions: Vec<(Option<i64>, i64)> =
+            ids.iter().map(|id| (positions[id].stream_version, positions[id].stream_seq)).collect();
+        let expected: Vec<(Option<i64>, i64)> = (1..=6).zip(&seqs).map(|(v, seq)| (Some(v), *seq as i64)).collect();
+        assert_eq!((positions.len(), versions), (6, expected), "sequences given: {given:?}");
+    }
     assert!(events::events_by_ids(&app.pool, &[Uuid::now_v7()]).await.unwrap().is_empty());
 }

@@ -58,9 +58,10 @@ impl BatchHandler for Handler {
             return Ok(outcomes);
         }
         let ids: Vec<Uuid> = in_streams.iter().map(|(_, _, event)| event.event_id).collect();
-        let last_seq = in_streams.iter().map(|(_, seq, _)| *seq).max().unwrap_or(0);
+        let seqs: Vec<u64> = in_streams.iter().map(|(_, seq, _)| *seq).collect();
+        let last_seq = seqs.iter().copied().max().unwrap_or(0);
         self.watermark.wait_for(last_seq, STORE_WAIT).await;
-        let stored = events::stored_positions(&self.pool, &ids).await.map_err(database)?;
+        let stored = events::stored_positions(&self.pool, &ids, &seqs).await.map_err(database)?;
         let (arrived, not_stored) = arrivals(in_streams, &stored);
         for position in not_stored {
             outcomes[position] = Outcome::Retry { after: NOT_STORED_RETRY };
