@@ -2,9 +2,9 @@
 //! which of a set of ids are stored.
 //!
 //! Reads `event.events` (by id only inside the ids' partitions, [`by_id`], or by a range of
-//! EVENTS sequences), `event.event_ids` and
-//! `event.event_streams`; writes nothing. Guarantees: a row whose
-//! source, category or status the code does not know is an error, never a default.
+//! EVENTS sequences), `event.event_ids` and `event.event_streams`; writes nothing.
+//! Guarantees: a row whose source, category or status the code does not know is an error,
+//! never a default.
 
 use std::collections::{HashMap, HashSet};
 
