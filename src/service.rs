@@ -24,7 +24,7 @@ use crate::infra::{ops, shutdown, telemetry, topology};
 use crate::registry::Registry;
 use crate::registry::subscriptions::Subscriptions;
 use crate::stages::StageError;
-use crate::stages::dispatcher::Dispatcher;
+use crate::stages::dispatcher::{Dispatcher, interest};
 use crate::stages::persister::Persister;
 use crate::stages::processor::{Engine, ProcessorStage};
 use crate::stages::projector::Projector;
@@ -120,13 +120,15 @@ pub async fn run_dispatching(
 ) -> Result<(), ServiceError> {
     let registry = Registry::load(pool.clone(), Subscriptions).await.map_err(StageError::from)?;
     let dispatcher = Dispatcher::build(bus.clone(), Arc::clone(&registry)).await?;
-    let sender = Sender::build(bus.clone(), pool, Arc::clone(&registry), settings, callbacks).await?;
+    let sender = Sender::build(bus.clone(), pool.clone(), Arc::clone(&registry), settings, callbacks).await?;
+    let follow = tokio::spawn(interest::follow_reloads(bus.clone(), pool, Arc::clone(&registry), token.clone()));
     let watch = tokio::spawn(registry.watch(bus, token.clone()));
     let (dispatched, sent) = tokio::join!(
         cancel_all_when_done(dispatcher.run(token.clone()), &token),
         cancel_all_when_done(sender.run(token.clone()), &token),
     );
     watch.abort();
+    follow.abort();
     Ok(dispatched.and(sent)?)
 }
 

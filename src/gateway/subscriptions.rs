@@ -3,7 +3,8 @@
 //!
 //! Reads and writes `event.event_subscriptions`, reads `event.delivery_attempts` and
 //! `event.events`; queues deliveries on DELIVERIES (resend, recover); tells dispatchers and
-//! senders to reload after each change, so it takes effect within a second.
+//! senders to reload after each change, so it takes effect within a second; sets the
+//! dispatcher consumer's filter ([`crate::stages::dispatcher::interest`]) before answering.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -18,7 +19,7 @@ use crate::domain::{FieldError, Fields, Secret};
 use crate::infra::callback::Guard;
 use crate::registry;
 use crate::registry::subscriptions::{self, StoreError, Subscription, Subscriptions};
-use crate::stages::dispatcher::{self, RequeueError};
+use crate::stages::dispatcher::{self, RequeueError, interest};
 use crate::store::deliveries::{self, Attempt, DeliveryStats};
 use crate::store::events;
 use crate::wire::domain_events::{DomainEvent, SubscriptionCreated};
@@ -40,7 +41,7 @@ pub async fn create(State(state): State<AppState>, JsonBody(body): JsonBody) -> 
         },
         StoreError::Database(error) => ApiError::Database(error),
     })?;
-    registry::announce_change::<Subscriptions>(&state.bus).await;
+    changed(&state).await;
     let created = SubscriptionCreated {
         subscription_id: &subscription.subscription_id,
         subscriber_name: &subscription.subscriber_name,
@@ -99,7 +100,7 @@ pub async fn update(
 ) -> Result<Json<Subscription>, ApiError> {
     let changes = subscriptions::parse_changes(&body, &Guard::default(), false).map_err(ApiError::Validation)?;
     let updated = subscriptions::update(&state.pool, &id, changes).await?.ok_or(ApiError::NotFound("Subscription"))?;
-    registry::announce_change::<Subscriptions>(&state.bus).await;
+    changed(&state).await;
     Ok(Json(updated))
 }
 
@@ -107,8 +108,17 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Re
     if !subscriptions::delete(&state.pool, &id).await? {
         return Err(ApiError::NotFound("Subscription"));
     }
-    registry::announce_change::<Subscriptions>(&state.bus).await;
+    changed(&state).await;
     Ok(Json(json!({"status": "deleted", "subscription_id": id})))
+}
+
+/// After a committed create, update or delete: the dispatcher consumer's filter follows it
+/// first, so the consumer takes events again before any dispatcher reloads the new set.
+async fn changed(state: &AppState) {
+    if let Err(error) = interest::follow(&state.bus, &state.pool).await {
+        tracing::warn!(error = %error, "cannot set the dispatcher consumer's filter; dispatchers set it when they reload");
+    }
+    registry::announce_change::<Subscriptions>(&state.bus).await;
 }
 
 pub async fn secret(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {

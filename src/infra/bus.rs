@@ -204,6 +204,66 @@ impl Bus {
         })
     }
 
+    /// The configuration of the durable consumer `name` of `stream`, and its stream's handle.
+    async fn consumer_config(
+        &self,
+        stream: &str,
+        name: &str,
+    ) -> Result<(jetstream::stream::Stream<()>, consumer::Config), BusError> {
+        let handle = self
+            .jetstream
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|source| BusError::StreamLookup { name: stream.to_owned(), source })?;
+        let info = handle.consumer_info(name).await.map_err(|cause| BusError::ConsumerLookup {
+            stream: stream.to_owned(),
+            name: name.to_owned(),
+            cause: cause.into(),
+        })?;
+        let config = info.config.clone();
+        Ok((handle, config))
+    }
+
+    /// The filter subject of the durable consumer `name` of `stream`.
+    pub async fn consumer_filter(&self, stream: &str, name: &str) -> Result<String, BusError> {
+        Ok(self.consumer_config(stream, name).await?.1.filter_subject)
+    }
+
+    /// Sets the filter subject of the durable consumer `name` of `stream`, keeping the rest of
+    /// its configuration and its position.
+    pub async fn set_consumer_filter(&self, stream: &str, name: &str, filter: &str) -> Result<(), BusError> {
+        let (handle, config) = self.consumer_config(stream, name).await?;
+        let config = consumer::Config { filter_subject: filter.to_owned(), ..config };
+        handle
+            .update_consumer(config)
+            .await
+            .map_err(|cause| BusError::Consumer { name: name.to_owned(), cause: cause.into() })?;
+        Ok(())
+    }
+
+    /// Moves the durable consumer `name` of `stream` to the stream's head: it forgets what it
+    /// was delivering and takes only messages stored from now on (nats-server 2.14 or newer;
+    /// an older server refuses, and the consumer stays where it was).
+    pub async fn move_consumer_to_head(&self, stream: &str, name: &str) -> Result<(), BusError> {
+        let refused = |cause: String| BusError::Consumer { name: name.to_owned(), cause: cause.into() };
+        // Looked up now, so its last sequence is current.
+        let handle = self
+            .jetstream
+            .get_stream(stream)
+            .await
+            .map_err(|source| BusError::StreamLookup { name: stream.to_owned(), source })?;
+        let last = handle.cached_info().state.last_sequence;
+        let reply: jetstream::response::Response<serde::de::IgnoredAny> = self
+            .jetstream
+            .request(format!("CONSUMER.RESET.{stream}.{name}"), &serde_json::json!({ "seq": last + 1 }))
+            .await
+            .map_err(|error| refused(error.to_string()))?;
+        match reply {
+            jetstream::response::Response::Ok(_) => Ok(()),
+            jetstream::response::Response::Err { error } => Err(refused(format!("reset refused: {error}"))),
+        }
+    }
+
     /// Refuses to publish while disconnected: a message the client queued then would be
     /// stored on reconnecting, after its publisher was told it failed.
     fn connected(&self) -> Result<(), BusError> {

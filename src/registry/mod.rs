@@ -43,12 +43,19 @@ pub struct Registry<S: Source> {
     pool: PgPool,
     source: S,
     current: RwLock<Arc<S::Set>>,
+    /// Marked after every reload, for those who follow the set ([`Self::reloads`]).
+    reloaded: tokio::sync::watch::Sender<()>,
 }
 
 impl<S: Source> Registry<S> {
     /// Loads the set now (fails when PostgreSQL cannot be read).
     pub async fn load(pool: PgPool, source: S) -> Result<Arc<Self>, sqlx::Error> {
-        let registry = Arc::new(Self { pool, source, current: RwLock::new(Arc::default()) });
+        let registry = Arc::new(Self {
+            pool,
+            source,
+            current: RwLock::new(Arc::default()),
+            reloaded: tokio::sync::watch::Sender::new(()),
+        });
         registry.reload().await?;
         Ok(registry)
     }
@@ -67,7 +74,13 @@ impl<S: Source> Registry<S> {
             Ok(mut current) => *current = set,
             Err(poisoned) => *poisoned.into_inner() = set,
         }
+        self.reloaded.send_replace(());
         Ok(())
+    }
+
+    /// Wakes (`changed()`) after each reload from now on, with or without a change.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<()> {
+        self.reloaded.subscribe()
     }
 
     /// Reloads on every change notification and every [`RELOAD_EVERY`], until cancelled.

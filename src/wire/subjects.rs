@@ -25,6 +25,9 @@ pub mod streams {
 pub const DEADLETTER_WILDCARD: &str = "deadletter.>";
 /// Subjects of the EVENTS stream.
 pub const EVENTS_WILDCARD: &str = "events.>";
+/// A subject of EVENTS that no event is published on (the gateway's have at least three
+/// tokens after `events.`): the filter of a consumer that is to take no events.
+pub const EVENTS_NONE: &str = "events._none";
 /// Subjects of the STORED stream.
 pub const STORED_WILDCARD: &str = "event.stored.>";
 /// Domain events of the processor stage and of replays.

@@ -539,3 +539,54 @@ async fn a_rotated_secret_signs_beside_the_old_one_until_the_overlap_ends() {
     let hours = (expires.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_minutes() as f64 / 60.0;
     assert!((23.9..=24.0).contains(&hours), "{hours}");
 }
+
+/// The dispatcher consumer's filter and how many events it has been given.
+async fn dispatcher_consumer(app: &TestApp) -> (String, u64) {
+    let events = app.js.get_stream("EVENTS").await.unwrap();
+    let info = events.consumer_info("dispatcher").await.unwrap();
+    (info.config.filter_subject.clone(), info.delivered.consumer_sequence)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dispatcher_takes_no_events_while_no_subscription_can_take_one() {
+    let app = app_with_dispatcher().await;
+    let hooks = Receiver::start().await;
+    let idle = wait_until(Duration::from_secs(10), || async {
+        let consumer = dispatcher_consumer(&app).await;
+        (consumer.0 == "events._none").then_some(consumer)
+    })
+    .await
+    .expect("with no subscription the dispatcher consumer idles");
+    let batch: Vec<Value> = (0..5).map(|_| json!({"event_type": "quiet.time"})).collect();
+    assert_eq!(app.post("/api/v1/events/batch", &Value::Array(batch)).await.0, StatusCode::OK);
+
+    // A disabled subscription delivers nothing, so the consumer still takes nothing.
+    let sub = subscribe(
+        &app,
+        json!({"subscription_id": "late", "event_types": ["quiet.>"], "callback_url": hooks.url("late"), "enabled": false}),
+    )
+    .await;
+    assert_eq!(dispatcher_consumer(&app).await, idle, "nothing was handed to the dispatcher");
+
+    // Enabled, it takes events again by the time the answer comes.
+    let url = app.url(&format!("/api/v1/events/subscriptions/{}", sub["subscription_id"].as_str().unwrap()));
+    let enabled = app.http.patch(&url).json(&json!({"enabled": true})).send().await.unwrap();
+    assert_eq!(enabled.status(), StatusCode::OK);
+    assert_eq!(dispatcher_consumer(&app).await.0, "events.>");
+    settle().await;
+    let event_id = app.create(json!({"event_type": "quiet.again"})).await;
+    let received = wait_for_received(&hooks, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(hooks.received().len(), 1, "events accepted while nobody subscribed are not delivered later");
+    assert_eq!(received[0].body["event_id"], event_id.as_str());
+
+    // Deleted, the consumer idles again as the answer comes, and what follows is not handed over.
+    assert_eq!(app.http.delete(&url).send().await.unwrap().status(), StatusCode::OK);
+    let (filter, handed) = dispatcher_consumer(&app).await;
+    assert_eq!(filter, "events._none");
+    app.create(json!({"event_type": "quiet.end"})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(dispatcher_consumer(&app).await, ("events._none".to_owned(), handed));
+    let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("event_dispatcher_takes_events 0"), "{text}");
+}

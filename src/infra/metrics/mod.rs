@@ -121,6 +121,7 @@ pub struct Metrics {
     pub processor_runs: Family<RunLabels, Counter>,
     pub processor_swept: Counter,
     pub deliveries: Family<DeliveryLabels, Counter>,
+    pub dispatcher_takes_events: Gauge,
     pub subscriptions_disabled: Counter,
     pub dead_letters: Family<DeadLetterLabels, Counter>,
     pub dead_letters_redriven: Family<StageLabels, Counter>,
@@ -162,6 +163,7 @@ impl Metrics {
             processor_runs: Family::default(),
             processor_swept: Counter::default(),
             deliveries: Family::default(),
+            dispatcher_takes_events: Gauge::default(),
             subscriptions_disabled: Counter::default(),
             dead_letters: Family::default(),
             dead_letters_redriven: Family::default(),
@@ -247,6 +249,11 @@ impl Metrics {
             self.processor_swept.clone(),
         );
         r.register("deliveries", "Subscription delivery attempts, by outcome", self.deliveries.clone());
+        r.register(
+            "dispatcher_takes_events",
+            "1 while the dispatcher consumer takes every event, 0 while it idles because no subscription can take one (as this process last set it)",
+            self.dispatcher_takes_events.clone(),
+        );
         r.register(
             "subscriptions_disabled",
             "Subscriptions disabled for their failures",

@@ -212,9 +212,10 @@ pub async fn get(pool: &PgPool, id: &str) -> Result<Option<Subscription>, sqlx::
     sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(pool).await
 }
 
-pub async fn list(pool: &PgPool) -> Result<Vec<Subscription>, sqlx::Error> {
+/// Every subscription, from a pool or from inside a transaction.
+pub async fn list<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<Vec<Subscription>, sqlx::Error> {
     let sql = format!("SELECT {COLUMNS} FROM event.event_subscriptions ORDER BY created_at, subscription_id");
-    sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await
+    sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(db).await
 }
 
 pub async fn delete(pool: &PgPool, id: &str) -> Result<bool, sqlx::Error> {

@@ -5,7 +5,10 @@
 //! `deliveries.{subscription_id}`. Guarantees: a delivery is queued with `Nats-Msg-Id` =
 //! `{event_id}.{subscription_id}`, so a redelivered event is queued once; an event is acked
 //! once every one of its deliveries has its PubAck. One subscriber's slowness never slows this
-//! stage: it only queues.
+//! stage: it only queues. While no subscription can take an event, its consumer takes none
+//! ([`interest`]).
+
+pub mod interest;
 
 use std::sync::Arc;
 use std::time::Duration;
