@@ -24,7 +24,8 @@ use crate::infra::{ops, shutdown, telemetry, topology};
 use crate::registry::Registry;
 use crate::registry::subscriptions::Subscriptions;
 use crate::stages::StageError;
-use crate::stages::dispatcher::{Dispatcher, interest};
+use crate::stages::dispatcher::Dispatcher;
+use crate::stages::interest::{self, Idler};
 use crate::stages::persister::Persister;
 use crate::stages::processor::{Engine, ProcessorStage};
 use crate::stages::projector::Projector;
@@ -121,7 +122,13 @@ pub async fn run_dispatching(
     let registry = Registry::load(pool.clone(), Subscriptions).await.map_err(StageError::from)?;
     let dispatcher = Dispatcher::build(bus.clone(), Arc::clone(&registry)).await?;
     let sender = Sender::build(bus.clone(), pool.clone(), Arc::clone(&registry), settings, callbacks).await?;
-    let follow = tokio::spawn(interest::follow_reloads(bus.clone(), pool, Arc::clone(&registry), token.clone()));
+    let follow = tokio::spawn(interest::follow_reloads(
+        Idler::Dispatcher,
+        bus.clone(),
+        pool,
+        Arc::clone(&registry),
+        token.clone(),
+    ));
     let watch = tokio::spawn(registry.watch(bus, token.clone()));
     let (dispatched, sent) = tokio::join!(
         cancel_all_when_done(dispatcher.run(token.clone()), &token),

@@ -1,7 +1,8 @@
 //! The processor registry endpoints: register, list, get, toggle, delete.
 //!
-//! Reads and writes `event.event_processors`; after each change tells the workers to reload
-//! (core NATS), so they pick it up within a second.
+//! Reads and writes `event.event_processors`; after each change sets the processor
+//! consumer's filter ([`crate::stages::interest`]) and tells the workers to reload (core
+//! NATS), so they pick it up within a second.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -11,8 +12,8 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::JsonBody;
 use crate::infra::callback::Guard;
-use crate::registry;
 use crate::registry::processors::{self, Processor, Processors, RegisterError};
+use crate::stages::interest::{self, Idler};
 
 pub async fn register(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<Processor>, ApiError> {
     // Whether a URL is reachable is decided at delivery, with the worker's settings; here only
@@ -25,7 +26,7 @@ pub async fn register(State(state): State<AppState>, JsonBody(body): JsonBody) -
         },
         RegisterError::Database(error) => ApiError::Database(error),
     })?;
-    registry::announce_change::<Processors>(&state.bus).await;
+    interest::changed::<Processors>(Idler::Processor, &state.bus, &state.pool).await;
     Ok(Json(processor))
 }
 
@@ -63,7 +64,7 @@ pub async fn toggle(
     if !processors::set_enabled(&state.pool, &processor_id, enabled).await? {
         return Err(ApiError::NotFound("Processor"));
     }
-    registry::announce_change::<Processors>(&state.bus).await;
+    interest::changed::<Processors>(Idler::Processor, &state.bus, &state.pool).await;
     Ok(Json(Toggled { status: "updated", processor_id, enabled }))
 }
 
@@ -80,6 +81,6 @@ pub async fn delete(
     if !processors::delete(&state.pool, &processor_id).await? {
         return Err(ApiError::NotFound("Processor"));
     }
-    registry::announce_change::<Processors>(&state.bus).await;
+    interest::changed::<Processors>(Idler::Processor, &state.bus, &state.pool).await;
     Ok(Json(Deleted { status: "deleted", processor_id }))
 }

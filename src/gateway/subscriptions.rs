@@ -4,7 +4,7 @@
 //! Reads and writes `event.event_subscriptions`, reads `event.delivery_attempts` and
 //! `event.events`; queues deliveries on DELIVERIES (resend, recover); tells dispatchers and
 //! senders to reload after each change, so it takes effect within a second; sets the
-//! dispatcher consumer's filter ([`crate::stages::dispatcher::interest`]) before answering.
+//! dispatcher consumer's filter ([`crate::stages::interest`]) before answering.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -19,7 +19,8 @@ use crate::domain::{FieldError, Fields, Secret};
 use crate::infra::callback::Guard;
 use crate::registry;
 use crate::registry::subscriptions::{self, StoreError, Subscription, Subscriptions};
-use crate::stages::dispatcher::{self, RequeueError, interest};
+use crate::stages::dispatcher::{self, RequeueError};
+use crate::stages::interest::{self, Idler};
 use crate::store::deliveries::{self, Attempt, DeliveryStats};
 use crate::store::events;
 use crate::wire::domain_events::{DomainEvent, SubscriptionCreated};
@@ -112,13 +113,9 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Re
     Ok(Json(json!({"status": "deleted", "subscription_id": id})))
 }
 
-/// After a committed create, update or delete: the dispatcher consumer's filter follows it
-/// first, so the consumer takes events again before any dispatcher reloads the new set.
+/// After a committed create, update or delete.
 async fn changed(state: &AppState) {
-    if let Err(error) = interest::follow(&state.bus, &state.pool).await {
-        tracing::warn!(error = %error, "cannot set the dispatcher consumer's filter; dispatchers set it when they reload");
-    }
-    registry::announce_change::<Subscriptions>(&state.bus).await;
+    interest::changed::<Subscriptions>(Idler::Dispatcher, &state.bus, &state.pool).await;
 }
 
 pub async fn secret(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {

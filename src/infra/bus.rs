@@ -204,12 +204,17 @@ impl Bus {
         })
     }
 
-    /// The configuration of the durable consumer `name` of `stream`, and its stream's handle.
-    async fn consumer_config(
+    /// What JetStream says of the durable consumer `name` of `stream` now: its configuration,
+    /// what it delivered and its ack floor.
+    pub async fn consumer_info(&self, stream: &str, name: &str) -> Result<consumer::Info, BusError> {
+        Ok(self.consumer_handle(stream, name).await?.1)
+    }
+
+    async fn consumer_handle(
         &self,
         stream: &str,
         name: &str,
-    ) -> Result<(jetstream::stream::Stream<()>, consumer::Config), BusError> {
+    ) -> Result<(jetstream::stream::Stream<()>, consumer::Info), BusError> {
         let handle = self
             .jetstream
             .get_stream_no_info(stream)
@@ -220,20 +225,14 @@ impl Bus {
             name: name.to_owned(),
             cause: cause.into(),
         })?;
-        let config = info.config.clone();
-        Ok((handle, config))
-    }
-
-    /// The filter subject of the durable consumer `name` of `stream`.
-    pub async fn consumer_filter(&self, stream: &str, name: &str) -> Result<String, BusError> {
-        Ok(self.consumer_config(stream, name).await?.1.filter_subject)
+        Ok((handle, info))
     }
 
     /// Sets the filter subject of the durable consumer `name` of `stream`, keeping the rest of
     /// its configuration and its position.
     pub async fn set_consumer_filter(&self, stream: &str, name: &str, filter: &str) -> Result<(), BusError> {
-        let (handle, config) = self.consumer_config(stream, name).await?;
-        let config = consumer::Config { filter_subject: filter.to_owned(), ..config };
+        let (handle, info) = self.consumer_handle(stream, name).await?;
+        let config = consumer::Config { filter_subject: filter.to_owned(), ..info.config };
         handle
             .update_consumer(config)
             .await

@@ -10,8 +10,11 @@
 //! - [`sender`]: DELIVERIES → signed webhook calls, the delivery log.
 //! - [`projector`]: EVENTS → projections of entity streams.
 //! - [`watermark`]: how far the persister has stored, for the stages that need the rows.
+//! - [`interest`]: the dispatcher's and the processor's consumers idle while nothing could
+//!   take an event.
 
 pub mod dispatcher;
+pub mod interest;
 pub mod persister;
 pub mod processor;
 pub mod projector;

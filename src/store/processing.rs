@@ -257,10 +257,12 @@ async fn change_statuses(
 }
 
 /// An event still `pending` or `processing`: what the processor stage's sweep needs to tell
-/// whether any processor takes it.
+/// whether any processor takes it, and whether the processor consumer has passed it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Unsettled {
     pub event_id: Uuid,
+    /// Its sequence in EVENTS.
+    pub stream_seq: i64,
     pub event_source: String,
     pub event_category: String,
     pub event_type: String,
@@ -280,7 +282,7 @@ pub async fn unsettled(
 ) -> Result<Vec<Unsettled>, sqlx::Error> {
     let (after_time, after_id) = after.unzip();
     sqlx::query_as(
-        "SELECT event_id, event_source, event_category, event_type, \"timestamp\" FROM event.events \
+        "SELECT event_id, stream_seq, event_source, event_category, event_type, \"timestamp\" FROM event.events \
          WHERE status IN ('pending', 'processing') AND stored_at < $1 \
            AND ($2::timestamptz IS NULL OR (\"timestamp\", event_id) > ($2, $3)) \
          ORDER BY \"timestamp\", event_id LIMIT $4",

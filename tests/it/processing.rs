@@ -455,6 +455,59 @@ async fn events_no_processor_takes_are_stored_processed_the_others_wait_for_the_
     assert_eq!(swept, Some("1"), "{metrics}");
 }
 
+/// The processor consumer's filter.
+async fn processor_filter(app: &TestApp) -> String {
+    let events = app.js.get_stream("EVENTS").await.unwrap();
+    events.consumer_info("processor").await.unwrap().config.filter_subject.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_processor_consumer_idles_without_processors_and_what_it_skipped_is_settled() {
+    let mut app = spawn_app().await;
+    let mut requests = app.bus_client().subscribe("processors.orders").await.unwrap();
+    let client = app.bus_client().clone();
+    tokio::spawn(async move {
+        while let Some(request) = requests.next().await {
+            if let Some(reply) = request.reply {
+                client.publish(reply, "ok".into()).await.unwrap();
+            }
+        }
+    });
+    let (status, processor) = app
+        .post(
+            "/api/v1/events/processors",
+            &json!({"processor_name": "orders", "processor_type": "internal", "filters": {"event_type": "order.*"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{processor}");
+    assert_eq!(processor_filter(&app).await, "events.>");
+    let pending = || async {
+        let id = app.create(json!({"event_type": "order.probe"})).await;
+        (app.get(&format!("/api/v1/events/{id}")).await.1["status"] == "pending").then_some(id)
+    };
+    let before = wait_until(Duration::from_secs(10), pending).await.expect("the persister sees the processor");
+
+    // Disabled before any worker ran: the consumer idles at the stream's head, past `before`.
+    let toggle = |enabled: bool| {
+        let id = processor["processor_id"].as_str().unwrap();
+        app.http.put(app.url(&format!("/api/v1/events/processors/{id}/toggle?enabled={enabled}"))).send()
+    };
+    assert!(toggle(false).await.unwrap().status().is_success());
+    assert_eq!(processor_filter(&app).await, "events._none");
+    // Enabled again before the sweep got to `before`: the processor takes it, but the consumer
+    // will never hand it over.
+    assert!(toggle(true).await.unwrap().status().is_success());
+    assert_eq!(processor_filter(&app).await, "events.>");
+    let after = wait_until(Duration::from_secs(10), pending).await.expect("the persister sees it enabled");
+
+    app.start_processor().await;
+    let event = app.wait_for_status(&after, &["processed"]).await;
+    assert_eq!(event["processors"], json!(["orders"]));
+    let event = app.wait_for_status(&before, &["processed"]).await;
+    assert_eq!(event["processors"], json!([]), "settled by the sweep, not run");
+    assert_eq!(results(&app, &before).await, []);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_processors_follow_the_one_callback_rule() {
     let app = spawn_app_with(Options { processors: 1, ..Options::default() }).await;

@@ -588,5 +588,5 @@ async fn the_dispatcher_takes_no_events_while_no_subscription_can_take_one() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(dispatcher_consumer(&app).await, ("events._none".to_owned(), handed));
     let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(text.contains("event_dispatcher_takes_events 0"), "{text}");
+    assert!(text.contains("event_consumer_takes_events{stream=\"EVENTS\",consumer=\"dispatcher\"} 0"), "{text}");
 }

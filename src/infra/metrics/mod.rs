@@ -116,12 +116,12 @@ pub struct Metrics {
     pub stage_held: Family<StageLabels, Counter>,
     pub consumer_pending: Family<ConsumerLabels, Gauge>,
     pub consumer_ack_pending: Family<ConsumerLabels, Gauge>,
+    pub consumer_takes_events: Family<ConsumerLabels, Gauge>,
     pub persister_lag: Gauge,
     pub stored_published: Counter,
     pub processor_runs: Family<RunLabels, Counter>,
     pub processor_swept: Counter,
     pub deliveries: Family<DeliveryLabels, Counter>,
-    pub dispatcher_takes_events: Gauge,
     pub subscriptions_disabled: Counter,
     pub dead_letters: Family<DeadLetterLabels, Counter>,
     pub dead_letters_redriven: Family<StageLabels, Counter>,
@@ -158,12 +158,12 @@ impl Metrics {
             stage_held: Family::default(),
             consumer_pending: Family::default(),
             consumer_ack_pending: Family::default(),
+            consumer_takes_events: Family::default(),
             persister_lag: Gauge::default(),
             stored_published: Counter::default(),
             processor_runs: Family::default(),
             processor_swept: Counter::default(),
             deliveries: Family::default(),
-            dispatcher_takes_events: Gauge::default(),
             subscriptions_disabled: Counter::default(),
             dead_letters: Family::default(),
             dead_letters_redriven: Family::default(),
@@ -229,6 +229,11 @@ impl Metrics {
             self.consumer_ack_pending.clone(),
         );
         r.register(
+            "consumer_takes_events",
+            "1 while a consumer that can idle (dispatcher, processor) takes every event, 0 while it takes none because nothing could take one (as this process last set it)",
+            self.consumer_takes_events.clone(),
+        );
+        r.register(
             "persister_lag_messages",
             "EVENTS messages past the persister's stored position",
             self.persister_lag.clone(),
@@ -249,11 +254,6 @@ impl Metrics {
             self.processor_swept.clone(),
         );
         r.register("deliveries", "Subscription delivery attempts, by outcome", self.deliveries.clone());
-        r.register(
-            "dispatcher_takes_events",
-            "1 while the dispatcher consumer takes every event, 0 while it idles because no subscription can take one (as this process last set it)",
-            self.dispatcher_takes_events.clone(),
-        );
         r.register(
             "subscriptions_disabled",
             "Subscriptions disabled for their failures",

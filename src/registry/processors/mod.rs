@@ -112,9 +112,10 @@ pub async fn register(pool: &PgPool, registration: Registration) -> Result<Proce
     }
 }
 
-pub async fn list(pool: &PgPool) -> Result<Vec<Processor>, sqlx::Error> {
+/// Every processor, from a pool or from inside a transaction.
+pub async fn list<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<Vec<Processor>, sqlx::Error> {
     let sql = format!("SELECT {COLUMNS} FROM event.event_processors ORDER BY priority DESC, processor_name");
-    sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await
+    sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(db).await
 }
 
 pub async fn get(pool: &PgPool, processor_id: &str) -> Result<Option<Processor>, sqlx::Error> {

@@ -6,9 +6,7 @@
 //! `{event_id}.{subscription_id}`, so a redelivered event is queued once; an event is acked
 //! once every one of its deliveries has its PubAck. One subscriber's slowness never slows this
 //! stage: it only queues. While no subscription can take an event, its consumer takes none
-//! ([`interest`]).
-
-pub mod interest;
+//! ([`crate::stages::interest`]).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -59,7 +59,7 @@ struct Work {
 
 impl BatchHandler for Handler {
     async fn handle(&self, batch: &Batch<'_>) -> Handled {
-        self.sweep.run_if_due(&self.pool, &self.engine, self.bus.metrics(), sweep::BUSY_EVERY).await;
+        self.sweep.run_if_due(&self.pool, &self.bus, &self.engine, sweep::BUSY_EVERY).await;
         let mut outcomes = vec![Outcome::Ack; batch.messages.len()];
         let mut work = self.decode(batch);
         if work.is_empty() {
@@ -91,7 +91,7 @@ impl BatchHandler for Handler {
     }
 
     async fn idle(&self) {
-        self.sweep.run_if_due(&self.pool, &self.engine, self.bus.metrics(), sweep::IDLE_EVERY).await;
+        self.sweep.run_if_due(&self.pool, &self.bus, &self.engine, sweep::IDLE_EVERY).await;
     }
 }
 

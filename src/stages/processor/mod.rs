@@ -30,6 +30,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::StageError;
+use super::interest::{self, Idler};
 use super::watermark::Watermark;
 use crate::domain::{Event, ResultStatus};
 use crate::infra::bus::Bus;
@@ -87,9 +88,13 @@ impl ProcessorStage {
     pub async fn run(self, token: CancellationToken) -> Result<(), StageError> {
         tracing::info!(stage = STAGE, "processor running");
         let registry = self.handler.engine.registry.clone();
+        let (bus, pool) = (self.handler.bus.clone(), self.handler.pool.clone());
+        let follow =
+            tokio::spawn(interest::follow_reloads(Idler::Processor, bus, pool, registry.clone(), token.clone()));
         let watch = tokio::spawn(registry.watch(self.handler.bus.clone(), token.clone()));
         let result = self.consume.run(&self.handler, token).await;
         watch.abort();
+        follow.abort();
         Ok(result?)
     }
 }

@@ -1,13 +1,17 @@
 //! The processor stage's sweep: settles events that were stored `pending` for a processor
-//! that is gone by the time the stage looks (deleted, disabled, or its filters changed).
+//! that is gone by the time the stage looks (deleted, disabled, or its filters changed), and
+//! events the processor consumer passed without running anything: it skipped them while it
+//! idled ([`crate::stages::interest`]), or a worker handled them before it knew of the
+//! processor the persister already stored them `pending` for.
 //!
-//! Reads `pending` and `processing` events from PostgreSQL, a page at a time, and the
-//! processor registry; writes their status (`processed`) through
+//! Reads `pending` and `processing` events from PostgreSQL, a page at a time, the processor
+//! registry and the processor consumer's ack floor; writes their status (`processed`) through
 //! [`crate::store::processing::record`], with the same change the handler used to write for
-//! every event nothing takes. Guarantees: an event any enabled processor takes is never
-//! touched here (its processors run from the consumer); one nothing takes leaves `pending`
-//! within a sweep or two; every unsettled event is visited, page after page, even when many
-//! wait for a processor that is retrying.
+//! every event nothing takes. Guarantees: an event an enabled processor takes is touched
+//! here only once the consumer has settled it (at or below the ack floor), so never while
+//! its processors run or wait to retry; the others leave `pending` within a sweep or two;
+//! every unsettled event is visited, page after page, even when many wait for a processor
+//! that is retrying.
 //!
 //! Why a sweep: the persister stores an event `processed` when no processor takes it, so
 //! for almost every such event there is nothing to write. Checking each one as it passed
@@ -23,8 +27,9 @@ use uuid::Uuid;
 use super::verdict::{self, Earlier};
 use super::{Engine, STAGE};
 use crate::domain::{EventCategory, EventSource};
-use crate::infra::metrics::Metrics;
+use crate::infra::bus::Bus;
 use crate::store::processing::{self, SweepCursor, Unsettled};
+use crate::wire::subjects::streams;
 
 /// Events read per sweep.
 const PAGE: i64 = 500;
@@ -49,7 +54,7 @@ struct State {
 impl Sweep {
     /// Sweeps one page when the last sweep is at least `every` ago. Failures are logged:
     /// the next sweep tries again.
-    pub async fn run_if_due(&self, pool: &PgPool, engine: &Engine, metrics: &Metrics, every: Duration) {
+    pub async fn run_if_due(&self, pool: &PgPool, bus: &Bus, engine: &Engine, every: Duration) {
         let now = Instant::now();
         let cursor = {
             let Ok(mut state) = self.state.lock() else { return };
@@ -59,11 +64,11 @@ impl Sweep {
             state.last = Some(now);
             state.cursor
         };
-        match self.page(pool, engine, cursor).await {
+        match self.page(pool, bus, engine, cursor).await {
             Ok((settled, next)) => {
-                metrics.processor_swept.inc_by(settled as u64);
+                bus.metrics().processor_swept.inc_by(settled as u64);
                 if settled > 0 {
-                    tracing::info!(stage = STAGE, settled, "settled events whose processors are gone");
+                    tracing::info!(stage = STAGE, settled, "settled events no processor will run");
                 }
                 if let Ok(mut state) = self.state.lock() {
                     state.cursor = next;
@@ -73,18 +78,27 @@ impl Sweep {
         }
     }
 
-    /// Reads one page after `cursor` and settles what no processor takes. Returns how many
-    /// it settled and where the next page starts.
+    /// Reads one page after `cursor` and settles what no processor takes or the consumer
+    /// passed. Returns how many it settled and where the next page starts.
     async fn page(
         &self,
         pool: &PgPool,
+        bus: &Bus,
         engine: &Engine,
         cursor: Option<SweepCursor>,
     ) -> Result<(usize, Option<SweepCursor>), sqlx::Error> {
         let stored_before = Utc::now() - GRACE;
         let rows = processing::unsettled(pool, stored_before, cursor, PAGE).await?;
+        // Read after the rows: an event the consumer settled later is not passed over here.
+        let floor = match bus.consumer_info(streams::EVENTS, STAGE).await {
+            Ok(info) => info.ack_floor.stream_sequence,
+            Err(error) => {
+                tracing::warn!(stage = STAGE, error = %error, "cannot read the consumer's ack floor; sweeping what no processor takes only");
+                0
+            }
+        };
         let set = engine.registry.snapshot();
-        let nobody = orphans(&rows, |row| {
+        let nobody = orphans(&rows, floor, |row| {
             match (EventSource::parse(&row.event_source), EventCategory::parse(&row.event_category)) {
                 (Some(source), Some(category)) => set.takes_kind(source, category, &row.event_type),
                 // A value the code does not know: leave the event alone.
@@ -107,9 +121,11 @@ fn due(last: Option<Instant>, now: Instant, every: Duration) -> bool {
     last.is_none_or(|last| now.duration_since(last) >= every)
 }
 
-/// The events of a page that no processor takes.
-fn orphans(rows: &[Unsettled], taken: impl Fn(&Unsettled) -> bool) -> Vec<Uuid> {
-    rows.iter().filter(|row| !taken(row)).map(|row| row.event_id).collect()
+/// The events of a page that no processor takes, or that the consumer settled (at or below
+/// its ack `floor`) without a run.
+fn orphans(rows: &[Unsettled], floor: u64, taken: impl Fn(&Unsettled) -> bool) -> Vec<Uuid> {
+    let passed = |row: &Unsettled| u64::try_from(row.stream_seq).is_ok_and(|seq| seq <= floor);
+    rows.iter().filter(|row| !taken(row) || passed(row)).map(|row| row.event_id).collect()
 }
 
 /// Where the next page starts: after this page's last event, or from the beginning again when
@@ -126,8 +142,13 @@ mod tests {
     use super::*;
 
     fn row(event_type: &str) -> Unsettled {
+        row_at(event_type, 100)
+    }
+
+    fn row_at(event_type: &str, stream_seq: i64) -> Unsettled {
         Unsettled {
             event_id: Uuid::now_v7(),
+            stream_seq,
             event_source: "backend".into(),
             event_category: "order".into(),
             event_type: event_type.into(),
@@ -147,8 +168,15 @@ mod tests {
     #[test]
     fn only_events_nobody_takes_are_settled() {
         let rows = [row("order.placed"), row("page.viewed"), row("order.paid")];
-        let settled = orphans(&rows, |row| row.event_type.starts_with("order."));
+        let settled = orphans(&rows, 0, |row| row.event_type.starts_with("order."));
         assert_eq!(settled, [rows[1].event_id]);
+    }
+
+    #[test]
+    fn events_the_consumer_passed_are_settled_even_when_a_processor_takes_them() {
+        let rows = [row_at("order.placed", 9), row_at("order.paid", 10), row_at("order.sent", 11)];
+        let settled = orphans(&rows, 10, |_| true);
+        assert_eq!(settled, [rows[0].event_id, rows[1].event_id], "at or below the ack floor");
     }
 
     #[test]
