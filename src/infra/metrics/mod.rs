@@ -355,6 +355,7 @@ mod tests {
         let consumer = ConsumerLabels { stream: "EVENTS".into(), consumer: "persister".into() };
         metrics.consumer_pending.get_or_create(&consumer).set(0);
         metrics.consumer_ack_pending.get_or_create(&consumer).set(0);
+        metrics.consumer_takes_events.get_or_create(&consumer).set(1);
         metrics.processor_runs.get_or_create(&RunLabels { processor: "p".into(), outcome: "success" }).inc();
         metrics.deliveries.get_or_create(&DeliveryLabels { outcome: "delivered" }).inc();
         metrics.dead_letters.get_or_create(&DeadLetterLabels { stage: "persister", reason: "invalid_json" }).inc();
