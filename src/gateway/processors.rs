@@ -12,7 +12,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::JsonBody;
 use crate::infra::callback::Guard;
-use crate::registry::processors::{self, Processor, Processors, RegisterError};
+use crate::registry::processors::{self, Processor, RegisterError};
 use crate::stages::interest::{self, Idler};
 
 pub async fn register(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<Processor>, ApiError> {
@@ -26,7 +26,7 @@ pub async fn register(State(state): State<AppState>, JsonBody(body): JsonBody) -
         },
         RegisterError::Database(error) => ApiError::Database(error),
     })?;
-    interest::changed::<Processors>(Idler::Processor, &state.bus, &state.pool).await;
+    interest::changed(Idler::Processor, &state.bus, &state.pool).await;
     Ok(Json(processor))
 }
 
@@ -64,7 +64,7 @@ pub async fn toggle(
     if !processors::set_enabled(&state.pool, &processor_id, enabled).await? {
         return Err(ApiError::NotFound("Processor"));
     }
-    interest::changed::<Processors>(Idler::Processor, &state.bus, &state.pool).await;
+    interest::changed(Idler::Processor, &state.bus, &state.pool).await;
     Ok(Json(Toggled { status: "updated", processor_id, enabled }))
 }
 
@@ -81,6 +81,6 @@ pub async fn delete(
     if !processors::delete(&state.pool, &processor_id).await? {
         return Err(ApiError::NotFound("Processor"));
     }
-    interest::changed::<Processors>(Idler::Processor, &state.bus, &state.pool).await;
+    interest::changed(Idler::Processor, &state.bus, &state.pool).await;
     Ok(Json(Deleted { status: "deleted", processor_id }))
 }

@@ -42,7 +42,7 @@ pub async fn create(State(state): State<AppState>, JsonBody(body): JsonBody) -> 
         },
         StoreError::Database(error) => ApiError::Database(error),
     })?;
-    changed(&state).await;
+    interest::changed(Idler::Dispatcher, &state.bus, &state.pool).await;
     let created = SubscriptionCreated {
         subscription_id: &subscription.subscription_id,
         subscriber_name: &subscription.subscriber_name,
@@ -101,7 +101,7 @@ pub async fn update(
 ) -> Result<Json<Subscription>, ApiError> {
     let changes = subscriptions::parse_changes(&body, &Guard::default(), false).map_err(ApiError::Validation)?;
     let updated = subscriptions::update(&state.pool, &id, changes).await?.ok_or(ApiError::NotFound("Subscription"))?;
-    changed(&state).await;
+    interest::changed(Idler::Dispatcher, &state.bus, &state.pool).await;
     Ok(Json(updated))
 }
 
@@ -109,13 +109,8 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Re
     if !subscriptions::delete(&state.pool, &id).await? {
         return Err(ApiError::NotFound("Subscription"));
     }
-    changed(&state).await;
+    interest::changed(Idler::Dispatcher, &state.bus, &state.pool).await;
     Ok(Json(json!({"status": "deleted", "subscription_id": id})))
-}
-
-/// After a committed create, update or delete.
-async fn changed(state: &AppState) {
-    interest::changed::<Subscriptions>(Idler::Dispatcher, &state.bus, &state.pool).await;
 }
 
 pub async fn secret(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {

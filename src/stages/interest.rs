@@ -27,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::infra::bus::{Bus, BusError};
 use crate::infra::metrics::ConsumerLabels;
-use crate::registry::subscriptions::{self, SubscriptionSet};
-use crate::registry::{self, Registry, Source, processors};
+use crate::registry::processors::{self, Processors};
+use crate::registry::subscriptions::{self, SubscriptionSet, Subscriptions};
+use crate::registry::{self, Registry, Source};
 use crate::wire::subjects::{self, streams};
 
 /// A stage whose consumer idles while nothing could take an event.
@@ -122,14 +123,17 @@ pub async fn follow(idler: Idler, bus: &Bus, pool: &PgPool) -> Result<bool, Inte
 
 /// After a committed change to what `idler`'s stage serves (a subscription or a processor
 /// created, changed or deleted): its consumer follows first, so it takes events again before
-/// any stage reloads, then every process is told to reload. A failure to follow is logged:
-/// the stages follow when they reload.
-pub async fn changed<S: Source>(idler: Idler, bus: &Bus, pool: &PgPool) {
+/// any stage reloads, then every process is told to reload that registry. A failure to
+/// follow is logged: the stages follow when they reload.
+pub async fn changed(idler: Idler, bus: &Bus, pool: &PgPool) {
     if let Err(error) = follow(idler, bus, pool).await {
         tracing::warn!(consumer = idler.consumer(), error = %error,
             "cannot set the consumer's filter; the stages set it when they reload");
     }
-    registry::announce_change::<S>(bus).await;
+    match idler {
+        Idler::Dispatcher => registry::announce_change::<Subscriptions>(bus).await,
+        Idler::Processor => registry::announce_change::<Processors>(bus).await,
+    }
 }
 
 /// Follows at start and after every reload of `registry`, until cancelled. A failure is

@@ -14,8 +14,11 @@
 //! - The status write waits for the persister's position (an event not stored after a
 //!   second is NAKed; succeeded processors are not run again).
 //! - An event no processor takes is acked without a write (the persister stored it
-//!   `processed`); one stored `pending` for a processor that is gone since is settled
-//!   `processed` by the [`sweep`] within seconds when idle, a minute under load.
+//!   `processed`); one stored `pending` for a processor that is gone since, or that the
+//!   consumer passed without a run, is settled `processed` by the [`sweep`] within seconds
+//!   when idle, a minute under load.
+//! - While no processor is enabled the consumer takes no events
+//!   ([`crate::stages::interest`]).
 //! - Any number of workers share the consumer: each event is handled by one at a time.
 
 mod handler;
