@@ -390,9 +390,9 @@ async fn slow_processors_show_their_events_as_processing() {
     assert_eq!((stats["processing_events"].as_i64(), stats["processed_events"].as_i64()), (Some(0), Some(1)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_no_processor_takes_are_stored_processed_the_others_wait_for_the_processor_stage() {
-    let mut app = spawn_app().await;
+/// Registers `orders`, an internal processor of `order.*` events answered "ok" by a service
+/// on `processors.orders`, without waiting for the workers to load it.
+async fn orders_processor(app: &TestApp) -> Value {
     let mut requests = app.bus_client().subscribe("processors.orders").await.unwrap();
     let client = app.bus_client().clone();
     tokio::spawn(async move {
@@ -409,6 +409,13 @@ async fn events_no_processor_takes_are_stored_processed_the_others_wait_for_the_
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{processor}");
+    processor
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_no_processor_takes_are_stored_processed_the_others_wait_for_the_processor_stage() {
+    let mut app = spawn_app().await;
+    let processor = orders_processor(&app).await;
     // The persister reloads the registry on the change notification: probe until it has.
     let probe = wait_until(Duration::from_secs(10), || async {
         let id = app.create(json!({"event_type": "order.probe"})).await;
@@ -464,22 +471,7 @@ async fn processor_filter(app: &TestApp) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_processor_consumer_idles_without_processors_and_what_it_skipped_is_settled() {
     let mut app = spawn_app().await;
-    let mut requests = app.bus_client().subscribe("processors.orders").await.unwrap();
-    let client = app.bus_client().clone();
-    tokio::spawn(async move {
-        while let Some(request) = requests.next().await {
-            if let Some(reply) = request.reply {
-                client.publish(reply, "ok".into()).await.unwrap();
-            }
-        }
-    });
-    let (status, processor) = app
-        .post(
-            "/api/v1/events/processors",
-            &json!({"processor_name": "orders", "processor_type": "internal", "filters": {"event_type": "order.*"}}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{processor}");
+    let processor = orders_processor(&app).await;
     assert_eq!(processor_filter(&app).await, "events.>");
     let pending = || async {
         let id = app.create(json!({"event_type": "order.probe"})).await;
