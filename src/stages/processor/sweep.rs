@@ -87,9 +87,8 @@ impl Sweep {
         engine: &Engine,
         cursor: Option<SweepCursor>,
     ) -> Result<(usize, Option<SweepCursor>), sqlx::Error> {
-        let stored_before = Utc::now() - GRACE;
-        let rows = processing::unsettled(pool, stored_before, cursor, PAGE).await?;
-        // Read after the rows: an event the consumer settled later is not passed over here.
+        // Read before the rows. The stage writes an event's status before it acks the event,
+        // so one at or below the floor that the rows still show unsettled was acked unrun.
         let floor = match bus.consumer_info(streams::EVENTS, STAGE).await {
             Ok(info) => info.ack_floor.stream_sequence,
             Err(error) => {
@@ -97,6 +96,8 @@ impl Sweep {
                 0
             }
         };
+        let stored_before = Utc::now() - GRACE;
+        let rows = processing::unsettled(pool, stored_before, cursor, PAGE).await?;
         let set = engine.registry.snapshot();
         let nobody = orphans(&rows, floor, |row| {
             match (EventSource::parse(&row.event_source), EventCategory::parse(&row.event_category)) {
