@@ -589,4 +589,16 @@ async fn the_dispatcher_takes_no_events_while_no_subscription_can_take_one() {
     assert_eq!(dispatcher_consumer(&app).await, ("events._none".to_owned(), handed));
     let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(text.contains("event_consumer_takes_events{stream=\"EVENTS\",consumer=\"dispatcher\"} 0"), "{text}");
+
+    // Disabled behind the gateway's back (as the sender does after a 410): the dispatcher
+    // idles the consumer when it reloads.
+    subscribe(&app, json!({"subscription_id": "other", "event_types": ["x"], "callback_url": hooks.url("x")})).await;
+    assert_eq!(dispatcher_consumer(&app).await.0, "events.>");
+    sqlx::query("UPDATE event.event_subscriptions SET enabled = false").execute(&app.pool).await.unwrap();
+    app.bus_client().publish("_EVSVC.subscriptions.changed", "".into()).await.unwrap();
+    wait_until(Duration::from_secs(5), || async {
+        (dispatcher_consumer(&app).await.0 == "events._none").then_some(())
+    })
+    .await
+    .expect("the dispatcher idles its consumer after reloading");
 }
