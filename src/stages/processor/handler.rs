@@ -4,7 +4,7 @@
 //! and [`super::sweep`] settles the few it stored `pending` for a processor that is gone.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -146,8 +146,9 @@ impl Handler {
     }
 
     /// Runs every event's processors: one stream's events in order, streams concurrently.
-    /// Events whose processors take a while show as `processing` meanwhile; quick ones go
-    /// straight from `pending` to their outcome (one status write instead of two).
+    /// Events whose processors are still running after [`MARK_PROCESSING_AFTER`] show as
+    /// `processing` meanwhile; the others go straight from `pending` to their outcome (one
+    /// status write instead of two), even when the batch as a whole takes longer.
     async fn run_all(&self, work: &[Work]) -> HashMap<Uuid, Vec<Ran>> {
         let mut groups: BTreeMap<String, Vec<&Work>> = BTreeMap::new();
         for item in work.iter().filter(|item| !item.to_run.is_empty()) {
@@ -160,6 +161,8 @@ impl Handler {
         }
         let starting: Vec<StatusChange> = groups.values().flatten().map(|item| starting(item.event.event_id)).collect();
         let runner = &self.engine.runner;
+        // Events whose processors are done, so the mark below leaves them alone.
+        let finished: &Mutex<HashSet<Uuid>> = &Mutex::default();
         let groups: Vec<_> = groups
             .into_values()
             .map(|group| async move {
@@ -168,6 +171,9 @@ impl Handler {
                     let ran = runner
                         .run_in_order(&item.event, &item.payload, &item.to_run, "", &item.trace, verdict::last_attempt)
                         .await;
+                    if let Ok(mut finished) = finished.lock() {
+                        finished.insert(item.event.event_id);
+                    }
                     done.push((item.event.event_id, ran));
                 }
                 done
@@ -178,7 +184,11 @@ impl Handler {
         let done = tokio::select! {
             done = &mut run => done,
             () = tokio::time::sleep(MARK_PROCESSING_AFTER), if !starting.is_empty() => {
-                if let Err(error) = processing::record(&self.pool, &[], &starting).await {
+                let marks = match finished.lock() {
+                    Ok(finished) => still_running(starting, &finished),
+                    Err(_) => starting,
+                };
+                if let Err(error) = processing::record(&self.pool, &[], &marks).await {
                     tracing::warn!(stage = STAGE, error = %error, "cannot mark events as processing");
                 }
                 run.await
@@ -224,6 +234,13 @@ impl Handler {
     }
 }
 
+/// The marks of the events whose processors have not finished yet. One that finished waits
+/// for its outcome with the rest of the batch: marking it would rewrite its row (and every
+/// index of it, `status` being indexed) for a status it has already left.
+fn still_running(starting: Vec<StatusChange>, finished: &HashSet<Uuid>) -> Vec<StatusChange> {
+    starting.into_iter().filter(|mark| !finished.contains(&mark.event_id)).collect()
+}
+
 /// The status of an event whose processors are still running.
 fn starting(event_id: Uuid) -> StatusChange {
     StatusChange {
@@ -233,5 +250,19 @@ fn starting(event_id: Uuid) -> StatusChange {
         error_message: None,
         retry_count: None,
         only_from: Some(vec![EventStatus::Pending]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_events_still_running_are_marked_processing() {
+        let (quick, slow) = (Uuid::now_v7(), Uuid::now_v7());
+        let finished = HashSet::from([quick]);
+        let marks = still_running(vec![starting(quick), starting(slow)], &finished);
+        assert_eq!(marks.iter().map(|mark| mark.event_id).collect::<Vec<_>>(), [slow]);
+        assert_eq!(marks[0].status, EventStatus::Processing);
     }
 }
