@@ -236,7 +236,7 @@ impl Handler {
 
 /// The marks of the events whose processors have not finished yet. One that finished waits
 /// for its outcome with the rest of the batch: marking it would rewrite its row (and every
-/// index of it, `status` being indexed) for a status it has already left.
+/// index of it, `status` being indexed) only to rewrite it again with the outcome.
 fn still_running(starting: Vec<StatusChange>, finished: &HashSet<Uuid>) -> Vec<StatusChange> {
     starting.into_iter().filter(|mark| !finished.contains(&mark.event_id)).collect()
 }
