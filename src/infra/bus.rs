@@ -189,15 +189,18 @@ impl Bus {
         }
     }
 
+    /// A handle on `stream`, without asking for its state.
+    async fn stream(&self, stream: &str) -> Result<jetstream::stream::Stream<()>, BusError> {
+        self.jetstream
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|source| BusError::StreamLookup { name: stream.to_owned(), source })
+    }
+
     /// The durable pull consumer `name` of `stream`, which must already exist (fail loudly if
     /// not).
     pub async fn consumer(&self, stream: &str, name: &str) -> Result<consumer::PullConsumer, BusError> {
-        let handle = self
-            .jetstream
-            .get_stream_no_info(stream)
-            .await
-            .map_err(|source| BusError::StreamLookup { name: stream.to_owned(), source })?;
-        handle.get_consumer(name).await.map_err(|cause| BusError::ConsumerLookup {
+        self.stream(stream).await?.get_consumer(name).await.map_err(|cause| BusError::ConsumerLookup {
             stream: stream.to_owned(),
             name: name.to_owned(),
             cause,
@@ -207,36 +210,22 @@ impl Bus {
     /// What JetStream says of the durable consumer `name` of `stream` now: its configuration,
     /// what it delivered and its ack floor.
     pub async fn consumer_info(&self, stream: &str, name: &str) -> Result<consumer::Info, BusError> {
-        Ok(self.consumer_handle(stream, name).await?.1)
-    }
-
-    async fn consumer_handle(
-        &self,
-        stream: &str,
-        name: &str,
-    ) -> Result<(jetstream::stream::Stream<()>, consumer::Info), BusError> {
-        let handle = self
-            .jetstream
-            .get_stream_no_info(stream)
-            .await
-            .map_err(|source| BusError::StreamLookup { name: stream.to_owned(), source })?;
-        let info = handle.consumer_info(name).await.map_err(|cause| BusError::ConsumerLookup {
+        self.stream(stream).await?.consumer_info(name).await.map_err(|cause| BusError::ConsumerLookup {
             stream: stream.to_owned(),
             name: name.to_owned(),
             cause: cause.into(),
-        })?;
-        Ok((handle, info))
+        })
     }
 
-    /// Sets the filter subject of the durable consumer `name` of `stream`, keeping the rest of
-    /// its configuration and its position.
-    pub async fn set_consumer_filter(&self, stream: &str, name: &str, filter: &str) -> Result<(), BusError> {
-        let (handle, info) = self.consumer_handle(stream, name).await?;
-        let config = consumer::Config { filter_subject: filter.to_owned(), ..info.config };
-        handle
+    /// Changes the configuration of a durable consumer of `stream` (named in `config`); it
+    /// keeps its position.
+    pub async fn update_consumer(&self, stream: &str, config: consumer::Config) -> Result<(), BusError> {
+        let name = config.durable_name.clone().unwrap_or_default();
+        self.stream(stream)
+            .await?
             .update_consumer(config)
             .await
-            .map_err(|cause| BusError::Consumer { name: name.to_owned(), cause: cause.into() })?;
+            .map_err(|cause| BusError::Consumer { name, cause: cause.into() })?;
         Ok(())
     }
 

@@ -22,6 +22,7 @@
 
 use std::sync::Arc;
 
+use async_nats::jetstream::consumer::Config as ConsumerConfig;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -105,12 +106,13 @@ pub async fn follow(idler: Idler, bus: &Bus, pool: &PgPool) -> Result<bool, Inte
         .await?;
     // Read after the lock is held: every decision before this one is already applied.
     let needed = idler.needed(&mut tx).await?;
-    let filter = bus.consumer_info(streams::EVENTS, consumer).await?.config.filter_subject;
-    for step in steps(&filter, needed) {
+    let config = bus.consumer_info(streams::EVENTS, consumer).await?.config;
+    for step in steps(&config.filter_subject, needed) {
         match step {
             Step::MoveToHead => bus.move_consumer_to_head(streams::EVENTS, consumer).await?,
             Step::Filter(wanted) => {
-                bus.set_consumer_filter(streams::EVENTS, consumer, wanted).await?;
+                let config = ConsumerConfig { filter_subject: wanted.to_owned(), ..config.clone() };
+                bus.update_consumer(streams::EVENTS, config).await?;
                 tracing::info!(consumer, filter = wanted, "consumer filter changed");
             }
         }
