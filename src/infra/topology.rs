@@ -3,7 +3,8 @@
 //!
 //! Reads the JSON files built into the binary; writes stream and consumer configurations.
 //! Guarantees: replicas come from the settings (1 on a laptop, 3 on a cluster) and EVENTS and STORED
-//! keep messages for their configured max ages; nothing else differs from the files.
+//! keep messages for their configured max ages; nothing else differs from the files. A consumer
+//! update that collides with a stage's own (an idle consumer opening or closing) is tried again.
 
 use std::time::Duration;
 
@@ -35,6 +36,10 @@ const CONSUMER_FILES: &[(&str, &str)] = &[
     ("projector", include_str!("../../jetstream/consumers/projector.json")),
 ];
 
+/// How often a consumer is applied before start-up fails, and the pause between attempts.
+const CONSUMER_ATTEMPTS: u32 = 5;
+const CONSUMER_RETRY: Duration = Duration::from_secs(1);
+
 #[derive(Deserialize)]
 struct ConsumerFile {
     stream: String,
@@ -62,10 +67,17 @@ pub async fn apply(bus: &Bus, settings: &NatsArgs) -> Result<(), BusError> {
         let mut config = declared.config;
         config.num_replicas = settings.replicas;
         let name = config.durable_name.clone().unwrap_or_default();
-        bus.jetstream()
-            .create_consumer_on_stream(config, &declared.stream)
-            .await
-            .map_err(|cause| BusError::Consumer { name: name.clone(), cause: cause.into() })?;
+        let mut attempt = 1;
+        // A stage may be changing this consumer's filter at the same moment
+        // (`crate::stages::interest`); on a cluster the two updates can collide.
+        while let Err(cause) = bus.jetstream().create_consumer_on_stream(config.clone(), &declared.stream).await {
+            if attempt >= CONSUMER_ATTEMPTS {
+                return Err(BusError::Consumer { name, cause: cause.into() });
+            }
+            tracing::warn!(consumer = %name, attempt, error = %cause, "cannot apply the consumer; trying again");
+            tokio::time::sleep(CONSUMER_RETRY).await;
+            attempt += 1;
+        }
         tracing::debug!(consumer = %name, stream = %declared.stream, "consumer applied");
     }
     tracing::info!("jetstream topology applied");
