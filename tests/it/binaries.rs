@@ -122,7 +122,29 @@ async fn spans_go_to_the_otlp_endpoint_and_logs_name_the_trace() {
 struct Cluster {
     child: tokio::process::Child,
     description: Value,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    /// A failed test shows the end of every process's log, which goes with the temporary
+    /// directory: CI keeps nothing else of a run.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let logs = self.dir.path().join("logs");
+        let mut paths: Vec<_> =
+            std::fs::read_dir(&logs).into_iter().flatten().flatten().map(|entry| entry.path()).collect();
+        paths.sort();
+        for path in paths {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("==> {} (last {} lines)", path.display(), tail.len());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
 }
 
 impl Cluster {
@@ -141,7 +163,7 @@ impl Cluster {
             .spawn()
             .unwrap();
         let described = dir.path().join("cluster.json");
-        let mut cluster = Self { child, description: Value::Null, _dir: dir };
+        let mut cluster = Self { child, description: Value::Null, dir };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
         let description = loop {
             assert!(cluster.child.try_wait().unwrap().is_none(), "scripts/cluster exited at start");
