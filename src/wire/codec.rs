@@ -3,10 +3,11 @@
 //!
 //! Reads message subjects, headers and payloads; writes nothing. Guarantees: the same message
 //! decodes to the same event in every stage and on every redelivery (a message without an id
-//! gets one from its `Nats-Msg-Id`, or from its stream position); what the gateway published
-//! decodes straight into its fields, anything else goes through
-//! [`crate::domain::parse::parse_event`] with the subject's source, category and type as
-//! defaults, so NATS-native producers may leave those out.
+//! gets one from its `Nats-Msg-Id`, or from its stream position). NATS-native producers may
+//! leave out the source, category and type (the subject's are taken), the id and the times.
+//! A payload in the gateway's format, whole or with those left out, decodes straight into its
+//! fields; anything else goes through [`crate::domain::parse::parse_event`] with the same
+//! defaults, which builds the same event where both accept a message.
 
 use std::borrow::Cow;
 
@@ -21,7 +22,7 @@ use uuid::Uuid;
 use super::message::Outgoing;
 use super::trace::TraceContext;
 use super::{headers, subjects};
-use crate::domain::event::{MAX_ID_CHARS, positional_event_id};
+use crate::domain::event::{MAX_ID_CHARS, new_event_id, positional_event_id};
 use crate::domain::parse::{self, Defaults, MAX_EVENT_TYPE_CHARS};
 use crate::domain::{Event, EventCategory, EventSource, JsonObject, StreamId, event_id_from_key};
 
@@ -96,33 +97,15 @@ pub fn decode_parts(
         let trace = TraceContext::from_nats(headers).unwrap_or_else(|| TraceContext::for_event(event.event_id));
         Incoming { event, stream_seq: seq, subject: subject.to_owned(), trace }
     };
-    // What the gateway published (most messages): straight into the event.
-    if let Some(event) = decode_canonical(payload) {
+    let defaults = || native_defaults(subject, headers, seq, published);
+    // What the gateway published, and most of what NATS-native producers publish: straight
+    // into the event.
+    if let Some(event) = decode_typed(payload, defaults) {
         return Ok(incoming(event));
     }
     let value: Value = serde_json::from_slice(payload)
         .map_err(|error| Rejection::new("invalid_json", format!("payload is not JSON: {error}")))?;
-    let (source, category, event_type) = subjects::parse_event_subject(subject)
-        .map(|(source, category, event_type)| {
-            (EventSource::parse(source), EventCategory::parse(category), Some(event_type))
-        })
-        .unwrap_or((None, None, None));
-    // A redriven message keeps its producer's id beside the redrive's own dedupe id.
-    let msg_id = headers.and_then(|headers| {
-        headers.get(super::headers::ORIGINAL_MSG_ID).or_else(|| headers.get(async_nats::header::NATS_MESSAGE_ID))
-    });
-    let event_id = match msg_id.map(|id| id.as_str()) {
-        Some(id) => Uuid::parse_str(id).unwrap_or_else(|_| event_id_from_key("nats-msg-id", id)),
-        None => positional_event_id(published, seq),
-    };
-    let defaults = Defaults {
-        now: published,
-        event_source: source.unwrap_or(EventSource::Backend),
-        event_category: category.unwrap_or(EventCategory::UserAction),
-        event_id: Some(event_id),
-        event_type,
-    };
-    let event = parse::parse_event(value, &defaults).map_err(|errors| {
+    let event = parse::parse_event(value, &defaults()).map_err(|errors| {
         let detail = errors
             .iter()
             .map(|error| {
@@ -139,16 +122,44 @@ pub fn decode_parts(
     Ok(incoming(event))
 }
 
-/// An [`Event`] exactly as the gateway publishes it, borrowed from the message: no other field,
-/// every field of its JSON type. Anything else goes the way of [`parse::parse_event`].
+/// What a message's subject, headers and stream position say about an event whose payload
+/// leaves fields out: source, category and type from the subject, the id from
+/// `Nats-Msg-Id` (or from the position), the time from when JetStream stored it.
+fn native_defaults(subject: &str, headers: Option<&HeaderMap>, seq: u64, published: DateTime<Utc>) -> Defaults {
+    let (source, category, event_type) = subjects::parse_event_subject(subject)
+        .map(|(source, category, event_type)| {
+            (EventSource::parse(source), EventCategory::parse(category), Some(event_type))
+        })
+        .unwrap_or((None, None, None));
+    // A redriven message keeps its producer's id beside the redrive's own dedupe id.
+    let msg_id = headers.and_then(|headers| {
+        headers.get(super::headers::ORIGINAL_MSG_ID).or_else(|| headers.get(async_nats::header::NATS_MESSAGE_ID))
+    });
+    let event_id = match msg_id.map(|id| id.as_str()) {
+        Some(id) => Uuid::parse_str(id).unwrap_or_else(|_| event_id_from_key("nats-msg-id", id)),
+        None => positional_event_id(published, seq),
+    };
+    Defaults {
+        now: published,
+        event_source: source.unwrap_or(EventSource::Backend),
+        event_category: category.unwrap_or(EventCategory::UserAction),
+        event_id: Some(event_id),
+        event_type,
+    }
+}
+
+/// An [`Event`] in the gateway's format, borrowed from the message: no other field, every
+/// field of its JSON type. A NATS-native producer may leave out the fields
+/// [`native_defaults`] supplies (`null` is the same as left out, as in
+/// [`parse::parse_event`]). Anything else goes the way of [`parse::parse_event`].
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Canonical<'a> {
-    event_id: Uuid,
+struct Typed<'a> {
+    event_id: Option<Uuid>,
     #[serde(borrow)]
-    event_type: Cow<'a, str>,
-    event_source: EventSource,
-    event_category: EventCategory,
+    event_type: Option<Cow<'a, str>>,
+    event_source: Option<EventSource>,
+    event_category: Option<EventCategory>,
     #[serde(borrow)]
     user_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
@@ -170,59 +181,77 @@ struct Canonical<'a> {
     #[serde(borrow)]
     stream_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    timestamp: Cow<'a, str>,
+    timestamp: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    created_at: Cow<'a, str>,
+    created_at: Option<Cow<'a, str>>,
 }
 
-/// The event of a message in the gateway's own format, decoded straight into its fields
-/// instead of through a JSON tree. `None` when the message is in any other shape or breaks a
-/// rule: then [`parse::parse_event`] decides, with the field errors. Where both accept a
-/// message they build the same event.
-fn decode_canonical(payload: &[u8]) -> Option<Event> {
-    let canonical: Canonical = serde_json::from_slice(payload).ok()?;
+impl Typed<'_> {
+    /// Whether the payload leaves out a field only the message's other parts can supply.
+    fn needs_defaults(&self) -> bool {
+        self.event_id.is_none()
+            || self.event_type.is_none()
+            || self.event_source.is_none()
+            || self.event_category.is_none()
+            || self.timestamp.is_none()
+            || self.created_at.is_none()
+    }
+}
+
+/// The event of a message in the gateway's format, decoded straight into its fields instead
+/// of through a JSON tree; `defaults` is asked only when the payload leaves a field out.
+/// `None` when the message is in any other shape or breaks a rule: then
+/// [`parse::parse_event`] decides, with the field errors. Where both accept a message they
+/// build the same event.
+fn decode_typed(payload: &[u8], defaults: impl FnOnce() -> Defaults) -> Option<Event> {
+    let typed: Typed = serde_json::from_slice(payload).ok()?;
+    let defaults = typed.needs_defaults().then(defaults);
     let text_ok = |text: &str, max_chars: usize| text.chars().count() <= max_chars && !text.contains('\0');
     let id = |value: Option<Cow<'_, str>>| match value {
         Some(text) if !text_ok(&text, MAX_ID_CHARS) => Err(()),
         other => Ok(other.map(Cow::into_owned)),
     };
-    let event_type = canonical.event_type;
-    if !text_ok(&event_type, MAX_EVENT_TYPE_CHARS)
-        || event_type.trim().is_empty()
-        || event_type.chars().any(char::is_control)
-    {
+    let event_type = match typed.event_type {
+        Some(event_type) if text_ok(&event_type, MAX_EVENT_TYPE_CHARS) => event_type.into_owned(),
+        Some(_) => return None,
+        None => defaults.as_ref()?.event_type.clone()?,
+    };
+    if event_type.trim().is_empty() || event_type.chars().any(char::is_control) {
         return None;
     }
-    let [data, metadata, context, properties] =
-        [canonical.data, canonical.metadata, canonical.context, canonical.properties];
+    let [data, metadata, context, properties] = [typed.data, typed.metadata, typed.context, typed.properties];
     if [&data, &metadata, &context, &properties].iter().any(|map| parse::object_contains_nul(map)) {
         return None;
     }
-    let user_id = id(canonical.user_id).ok()?;
-    let device_id = id(canonical.device_id).ok()?;
-    let stream_id = match canonical.stream_id {
+    let user_id = id(typed.user_id).ok()?;
+    let device_id = id(typed.device_id).ok()?;
+    let stream_id = match typed.stream_id {
         Some(text) => Some(StreamId::parse(&text)?),
         None => StreamId::implicit(user_id.as_deref(), device_id.as_deref()),
     };
-    let time =
-        |text: &str| if text.contains('\0') { None } else { parse::parse_timestamp(text).map(|t| t.trunc_subsecs(6)) };
+    // PostgreSQL keeps microseconds, as in parse_event.
+    let time = |text: Option<Cow<'_, str>>| match text {
+        Some(text) if text.contains('\0') => None,
+        Some(text) => parse::parse_timestamp(&text).map(|t| t.trunc_subsecs(6)),
+        None => defaults.as_ref().map(|defaults| defaults.now.trunc_subsecs(6)),
+    };
     Some(Event {
-        event_id: canonical.event_id,
-        event_type: event_type.into_owned(),
-        event_source: canonical.event_source,
-        event_category: canonical.event_category,
+        event_id: typed.event_id.or_else(|| defaults.as_ref()?.event_id).unwrap_or_else(new_event_id),
+        event_type,
+        event_source: typed.event_source.or_else(|| Some(defaults.as_ref()?.event_source))?,
+        event_category: typed.event_category.or_else(|| Some(defaults.as_ref()?.event_category))?,
         user_id,
-        session_id: id(canonical.session_id).ok()?,
-        organization_id: id(canonical.organization_id).ok()?,
+        session_id: id(typed.session_id).ok()?,
+        organization_id: id(typed.organization_id).ok()?,
         device_id,
-        correlation_id: id(canonical.correlation_id).ok()?,
+        correlation_id: id(typed.correlation_id).ok()?,
         data,
         metadata,
         context,
         properties,
         stream_id,
-        timestamp: time(&canonical.timestamp)?,
-        created_at: time(&canonical.created_at)?,
+        timestamp: time(typed.timestamp)?,
+        created_at: time(typed.created_at)?,
     })
 }
 
@@ -235,6 +264,41 @@ mod tests {
         parse::parse_event(value, &Defaults::http(Utc::now())).unwrap()
     }
 
+    /// For a payload that leaves nothing out: the defaults are never asked for.
+    fn no_defaults() -> Defaults {
+        panic!("a whole event needs no defaults")
+    }
+
+    #[test]
+    fn native_payloads_decode_straight_to_what_parse_event_builds() {
+        let published = Utc::now();
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, "order-17");
+        let subject = "events.iot_device.telemetry.temp.read";
+        let defaults = || native_defaults(subject, Some(&headers), 9, published);
+        let payloads = [
+            json!({"user_id": "u1", "data": {"a": 1}}),
+            json!({"event_type": "order.placed", "event_source": "backend", "event_category": "order",
+                   "user_id": "bench-user-1", "session_id": "s", "correlation_id": "c",
+                   "data": {"order_id": "o-1", "amount": 1.25}, "metadata": {"bench": "x"},
+                   "event_id": "0190a0c2-6a4f-7a3e-8f00-000000000001"}),
+            json!({"event_type": null, "event_source": null, "timestamp": "2025-12-30T10:00:00.1234567Z",
+                   "device_id": "d"}),
+        ];
+        for payload in payloads {
+            let wire = serde_json::to_vec(&payload).unwrap();
+            let typed = decode_typed(&wire, defaults).expect("decoded without a JSON tree");
+            assert_eq!(typed, parse::parse_event(payload.clone(), &defaults()).unwrap(), "{payload}");
+            assert_eq!(decode_parts(subject, Some(&headers), &wire, 9, published).unwrap().event, typed);
+        }
+        // Left to parse_event: a field it knows and the typed form does not, a type nothing
+        // supplies.
+        let entity = json!({"event_type": "a", "entity_type": "order", "entity_id": "1"});
+        assert_eq!(decode_typed(&serde_json::to_vec(&entity).unwrap(), defaults), None);
+        let untyped = native_defaults("other.subject", None, 9, published);
+        assert_eq!(decode_typed(br#"{"user_id": "u"}"#, || untyped.clone()), None);
+    }
+
     #[test]
     fn canonical_messages_decode_to_what_parse_event_builds() {
         let requests = [
@@ -245,8 +309,8 @@ mod tests {
         for request in requests {
             let event = parse(request);
             let wire = serde_json::to_vec(&event).unwrap();
-            assert_eq!(decode_canonical(&wire), Some(event.clone()));
-            assert_eq!(decode_canonical(&wire).unwrap(), parse(serde_json::from_slice(&wire).unwrap()));
+            assert_eq!(decode_typed(&wire, no_defaults), Some(event.clone()));
+            assert_eq!(decode_typed(&wire, no_defaults).unwrap(), parse(serde_json::from_slice(&wire).unwrap()));
         }
     }
 
@@ -257,7 +321,7 @@ mod tests {
         let variant = |change: &dyn Fn(&mut Value)| {
             let mut value = canonical.clone();
             change(&mut value);
-            decode_canonical(&serde_json::to_vec(&value).unwrap())
+            decode_typed(&serde_json::to_vec(&value).unwrap(), no_defaults)
         };
         // Another field, a wrong type, a broken rule: not canonical.
         assert_eq!(variant(&|v| v["entity_type"] = json!("order")), None);
