@@ -10,6 +10,7 @@ pub mod pattern;
 pub mod rfc3339;
 pub mod secret;
 pub mod status;
+pub mod typed;
 
 pub use event::{Event, JsonObject, MAX_ID_CHARS, StreamId, event_id_from_key, new_event_id};
 pub use fields::{FieldError, Fields};

@@ -19,14 +19,16 @@ use std::time::Duration;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::AppState;
 use super::admission::Admitted;
 use super::error::ApiError;
-use super::extract::JsonBody;
+use super::extract::{self, JsonBody, RawBody};
 use crate::domain::fields::object_body;
-use crate::domain::parse::{self, Defaults, MAX_EVENT_TYPE_CHARS};
+use crate::domain::parse::{Defaults, MAX_EVENT_TYPE_CHARS};
+use crate::domain::typed::{self, TextError};
 use crate::domain::{Event, EventCategory, EventSource, EventStatus, FieldError, Fields, MAX_ID_CHARS};
 use crate::infra::bus::Stored;
 use crate::infra::metrics::PathLabels;
@@ -51,9 +53,14 @@ pub async fn create(
     State(state): State<AppState>,
     trace: TraceContext,
     headers: HeaderMap,
-    JsonBody(body): JsonBody,
+    RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let mut event = parse::parse_event(body, &Defaults::http(Utc::now())).map_err(ApiError::Validation)?;
+    extract::require_content(&body)?;
+    let now = Utc::now();
+    let mut event = typed::parse_event_text(&body, || Defaults::http(now)).map_err(|error| match error {
+        TextError::NotJson(error) => extract::not_json(error),
+        TextError::Invalid(errors) => ApiError::Validation(errors),
+    })?;
     state.conform(&mut event).map_err(ApiError::SchemaViolation)?;
     let message = state.event_message(&event)?;
     let body = pending_answer(std::slice::from_ref(&event), [&message.payload[..]], false)?;
@@ -72,9 +79,11 @@ pub async fn batch(
     State(state): State<AppState>,
     trace: TraceContext,
     headers: HeaderMap,
-    JsonBody(body): JsonBody,
+    RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let Value::Array(items) = body else {
+    // Each event's text, to be parsed straight into its fields.
+    let Ok(items) = serde_json::from_slice::<Vec<&RawValue>>(&body) else {
+        extract::parse_json(&body)?;
         return Err(ApiError::field("body", "must be a JSON array of events"));
     };
     if items.len() > state.max_batch_events {
@@ -87,9 +96,13 @@ pub async fn batch(
     let mut events = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
-        match parse::parse_event(item, &Defaults::http(now)) {
+        match typed::parse_event_text(item.get().as_bytes(), || Defaults::http(now)) {
             Ok(event) => events.push(event),
-            Err(item_errors) => errors.extend(item_errors.into_iter().map(|error| error.nested(&format!("[{index}]")))),
+            Err(TextError::Invalid(item_errors)) => {
+                errors.extend(item_errors.into_iter().map(|error| error.nested(&format!("[{index}]"))))
+            }
+            // The array's items were read as JSON already.
+            Err(TextError::NotJson(error)) => errors.push(FieldError::new(format!("[{index}]"), error.to_string())),
         }
     }
     if !errors.is_empty() {
@@ -400,7 +413,7 @@ mod tests {
             serde_json::json!({"event_type": "order.placé", "user_id": "u\"1", "data": {"total": 5, "b": [1, "x"]}}),
             serde_json::json!({"event_type": "a", "entity_type": "order", "entity_id": "o-1", "metadata": {"k": null}}),
         ];
-        bodies.into_iter().map(|body| parse::parse_event(body, &Defaults::http(now)).unwrap()).collect()
+        bodies.into_iter().map(|body| crate::domain::parse::parse_event(body, &Defaults::http(now)).unwrap()).collect()
     }
 
     #[test]

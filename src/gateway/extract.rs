@@ -87,10 +87,21 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 }
 
 pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    require_content(bytes)?;
+    serde_json::from_slice(bytes).map_err(not_json)
+}
+
+/// The error of an empty (or all-whitespace) body.
+pub fn require_content(bytes: &[u8]) -> Result<(), ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::field("body", "is empty; a JSON body is required"));
     }
-    serde_json::from_slice(bytes).map_err(|error| ApiError::field("body", format!("is not valid JSON: {error}")))
+    Ok(())
+}
+
+/// The error of a body that is not JSON.
+pub fn not_json(error: serde_json::Error) -> ApiError {
+    ApiError::field("body", format!("is not valid JSON: {error}"))
 }
 
 #[cfg(test)]

@@ -9,22 +9,19 @@
 //! fields; anything else goes through [`crate::domain::parse::parse_event`] with the same
 //! defaults, which builds the same event where both accept a message.
 
-use std::borrow::Cow;
-
 use async_nats::HeaderMap;
 use async_nats::jetstream::Message;
 use bytes::Bytes;
-use chrono::{DateTime, SubsecRound, Utc};
-use serde::Deserialize;
-use serde_json::Value;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::message::Outgoing;
 use super::trace::TraceContext;
 use super::{headers, subjects};
-use crate::domain::event::{MAX_ID_CHARS, new_event_id, positional_event_id};
-use crate::domain::parse::{self, Defaults, MAX_EVENT_TYPE_CHARS};
-use crate::domain::{Event, EventCategory, EventSource, JsonObject, StreamId, event_id_from_key};
+use crate::domain::event::positional_event_id;
+use crate::domain::parse::Defaults;
+use crate::domain::typed::{self, TextError};
+use crate::domain::{Event, EventCategory, EventSource, event_id_from_key};
 
 /// An EVENTS message decoded: the event and where JetStream put it.
 #[derive(Debug, Clone)]
@@ -98,26 +95,22 @@ pub fn decode_parts(
         Incoming { event, stream_seq: seq, subject: subject.to_owned(), trace }
     };
     let defaults = || native_defaults(subject, headers, seq, published);
-    // What the gateway published, and most of what NATS-native producers publish: straight
-    // into the event.
-    if let Some(event) = decode_typed(payload, defaults) {
-        return Ok(incoming(event));
-    }
-    let value: Value = serde_json::from_slice(payload)
-        .map_err(|error| Rejection::new("invalid_json", format!("payload is not JSON: {error}")))?;
-    let event = parse::parse_event(value, &defaults()).map_err(|errors| {
-        let detail = errors
-            .iter()
-            .map(|error| {
-                if error.field.is_empty() {
-                    error.message.clone()
-                } else {
-                    format!("{}: {}", error.field, error.message)
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
-        Rejection::new("validation_failed", detail)
+    let event = typed::parse_event_text(payload, defaults).map_err(|error| match error {
+        TextError::NotJson(error) => Rejection::new("invalid_json", format!("payload is not JSON: {error}")),
+        TextError::Invalid(errors) => {
+            let detail = errors
+                .iter()
+                .map(|error| {
+                    if error.field.is_empty() {
+                        error.message.clone()
+                    } else {
+                        format!("{}: {}", error.field, error.message)
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            Rejection::new("validation_failed", detail)
+        }
     })?;
     Ok(incoming(event))
 }
@@ -148,195 +141,25 @@ fn native_defaults(subject: &str, headers: Option<&HeaderMap>, seq: u64, publish
     }
 }
 
-/// An [`Event`] in the gateway's format, borrowed from the message: no other field, every
-/// field of its JSON type. A NATS-native producer may leave out the fields
-/// [`native_defaults`] supplies (`null` is the same as left out, as in
-/// [`parse::parse_event`]). Anything else goes the way of [`parse::parse_event`].
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Typed<'a> {
-    event_id: Option<Uuid>,
-    #[serde(borrow)]
-    event_type: Option<Cow<'a, str>>,
-    event_source: Option<EventSource>,
-    event_category: Option<EventCategory>,
-    #[serde(borrow)]
-    user_id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    session_id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    organization_id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    device_id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    correlation_id: Option<Cow<'a, str>>,
-    #[serde(default)]
-    data: JsonObject,
-    #[serde(default)]
-    metadata: JsonObject,
-    #[serde(default)]
-    context: JsonObject,
-    #[serde(default)]
-    properties: JsonObject,
-    #[serde(borrow)]
-    stream_id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    timestamp: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    created_at: Option<Cow<'a, str>>,
-}
-
-impl Typed<'_> {
-    /// Whether the payload leaves out a field only the message's other parts can supply.
-    fn needs_defaults(&self) -> bool {
-        self.event_id.is_none()
-            || self.event_type.is_none()
-            || self.event_source.is_none()
-            || self.event_category.is_none()
-            || self.timestamp.is_none()
-            || self.created_at.is_none()
-    }
-}
-
-/// The event of a message in the gateway's format, decoded straight into its fields instead
-/// of through a JSON tree; `defaults` is asked only when the payload leaves a field out.
-/// `None` when the message is in any other shape or breaks a rule: then
-/// [`parse::parse_event`] decides, with the field errors. Where both accept a message they
-/// build the same event.
-fn decode_typed(payload: &[u8], defaults: impl FnOnce() -> Defaults) -> Option<Event> {
-    let typed: Typed = serde_json::from_slice(payload).ok()?;
-    let defaults = typed.needs_defaults().then(defaults);
-    let text_ok = |text: &str, max_chars: usize| text.chars().count() <= max_chars && !text.contains('\0');
-    let id = |value: Option<Cow<'_, str>>| match value {
-        Some(text) if !text_ok(&text, MAX_ID_CHARS) => Err(()),
-        other => Ok(other.map(Cow::into_owned)),
-    };
-    let event_type = match typed.event_type {
-        Some(event_type) if text_ok(&event_type, MAX_EVENT_TYPE_CHARS) => event_type.into_owned(),
-        Some(_) => return None,
-        None => defaults.as_ref()?.event_type.clone()?,
-    };
-    if event_type.trim().is_empty() || event_type.chars().any(char::is_control) {
-        return None;
-    }
-    let [data, metadata, context, properties] = [typed.data, typed.metadata, typed.context, typed.properties];
-    if [&data, &metadata, &context, &properties].iter().any(|map| parse::object_contains_nul(map)) {
-        return None;
-    }
-    let user_id = id(typed.user_id).ok()?;
-    let device_id = id(typed.device_id).ok()?;
-    let stream_id = match typed.stream_id {
-        Some(text) => Some(StreamId::parse(&text)?),
-        None => StreamId::implicit(user_id.as_deref(), device_id.as_deref()),
-    };
-    // PostgreSQL keeps microseconds, as in parse_event.
-    let time = |text: Option<Cow<'_, str>>| match text {
-        Some(text) if text.contains('\0') => None,
-        Some(text) => parse::parse_timestamp(&text).map(|t| t.trunc_subsecs(6)),
-        None => defaults.as_ref().map(|defaults| defaults.now.trunc_subsecs(6)),
-    };
-    Some(Event {
-        event_id: typed.event_id.or_else(|| defaults.as_ref()?.event_id).unwrap_or_else(new_event_id),
-        event_type,
-        event_source: typed.event_source.or_else(|| Some(defaults.as_ref()?.event_source))?,
-        event_category: typed.event_category.or_else(|| Some(defaults.as_ref()?.event_category))?,
-        user_id,
-        session_id: id(typed.session_id).ok()?,
-        organization_id: id(typed.organization_id).ok()?,
-        device_id,
-        correlation_id: id(typed.correlation_id).ok()?,
-        data,
-        metadata,
-        context,
-        properties,
-        stream_id,
-        timestamp: time(typed.timestamp)?,
-        created_at: time(typed.created_at)?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::parse;
     use serde_json::json;
 
-    fn parse(value: Value) -> Event {
-        parse::parse_event(value, &Defaults::http(Utc::now())).unwrap()
-    }
-
-    /// For a payload that leaves nothing out: the defaults are never asked for.
-    fn no_defaults() -> Defaults {
-        panic!("a whole event needs no defaults")
-    }
-
     #[test]
-    fn native_payloads_decode_straight_to_what_parse_event_builds() {
+    fn native_payloads_in_the_gateways_shape_take_the_defaults_of_the_message() {
         let published = Utc::now();
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, "order-17");
         let subject = "events.iot_device.telemetry.temp.read";
-        let defaults = || native_defaults(subject, Some(&headers), 9, published);
-        let payloads = [
-            json!({"user_id": "u1", "data": {"a": 1}}),
-            json!({"event_type": "order.placed", "event_source": "backend", "event_category": "order",
-                   "user_id": "bench-user-1", "session_id": "s", "correlation_id": "c",
-                   "data": {"order_id": "o-1", "amount": 1.25}, "metadata": {"bench": "x"},
-                   "event_id": "0190a0c2-6a4f-7a3e-8f00-000000000001"}),
-            json!({"event_type": null, "event_source": null, "timestamp": "2025-12-30T10:00:00.1234567Z",
-                   "device_id": "d"}),
-        ];
-        for payload in payloads {
-            let wire = serde_json::to_vec(&payload).unwrap();
-            let typed = decode_typed(&wire, defaults).expect("decoded without a JSON tree");
-            assert_eq!(typed, parse::parse_event(payload.clone(), &defaults()).unwrap(), "{payload}");
-            assert_eq!(decode_parts(subject, Some(&headers), &wire, 9, published).unwrap().event, typed);
-        }
-        // Left to parse_event: a field it knows and the typed form does not, a type nothing
-        // supplies.
-        let entity = json!({"event_type": "a", "entity_type": "order", "entity_id": "1"});
-        assert_eq!(decode_typed(&serde_json::to_vec(&entity).unwrap(), defaults), None);
-        let untyped = native_defaults("other.subject", None, 9, published);
-        assert_eq!(decode_typed(br#"{"user_id": "u"}"#, || untyped.clone()), None);
-    }
-
-    #[test]
-    fn canonical_messages_decode_to_what_parse_event_builds() {
-        let requests = [
-            json!({"event_type": "order.placed", "user_id": "u1", "data": {"total": 5, "items": [1, "a"]}}),
-            json!({"event_type": "x", "stream_id": "order:1", "device_id": "d", "timestamp": "2025-12-30T10:00:00.1234567Z"}),
-            json!({"event_type": "é".repeat(255), "event_source": "frontend", "event_category": "page_view"}),
-        ];
-        for request in requests {
-            let event = parse(request);
-            let wire = serde_json::to_vec(&event).unwrap();
-            assert_eq!(decode_typed(&wire, no_defaults), Some(event.clone()));
-            assert_eq!(decode_typed(&wire, no_defaults).unwrap(), parse(serde_json::from_slice(&wire).unwrap()));
-        }
-    }
-
-    #[test]
-    fn anything_but_a_valid_canonical_message_is_left_to_parse_event() {
-        let event = parse(json!({"event_type": "a", "user_id": "u"}));
-        let canonical = serde_json::to_value(&event).unwrap();
-        let variant = |change: &dyn Fn(&mut Value)| {
-            let mut value = canonical.clone();
-            change(&mut value);
-            decode_typed(&serde_json::to_vec(&value).unwrap(), no_defaults)
-        };
-        // Another field, a wrong type, a broken rule: not canonical.
-        assert_eq!(variant(&|v| v["entity_type"] = json!("order")), None);
-        assert_eq!(variant(&|v| v["user_id"] = json!(12)), None);
-        assert_eq!(variant(&|v| v["data"] = json!({"deep": "a\u{0}"})), None);
-        assert_eq!(variant(&|v| v["event_type"] = json!(" ")), None);
-        assert_eq!(variant(&|v| v["user_id"] = json!("x".repeat(256))), None);
-        assert_eq!(variant(&|v| v["stream_id"] = json!("nocolon")), None);
-        assert_eq!(variant(&|v| v["data"] = Value::Null), None);
-        // No stream named: the implicit one, as parse_event does.
-        let implicit = variant(&|v| v["stream_id"] = Value::Null).unwrap();
-        assert_eq!(implicit.stream_id.as_ref().map(StreamId::as_str), Some("user:u"));
-        // A timestamp without an offset is UTC, as parse_event takes it.
-        let naive = variant(&|v| v["timestamp"] = json!("2025-12-30T10:00:00.5")).unwrap();
-        assert_eq!(naive.timestamp, parse::parse_timestamp("2025-12-30T10:00:00.5Z").unwrap());
+        let payload = json!({"user_id": "u1", "data": {"a": 1}});
+        let wire = serde_json::to_vec(&payload).unwrap();
+        let decoded = decode_parts(subject, Some(&headers), &wire, 9, published).unwrap().event;
+        let defaults = native_defaults(subject, Some(&headers), 9, published);
+        assert_eq!(decoded, parse::parse_event(payload, &defaults).unwrap());
+        assert_eq!((decoded.event_type.as_str(), decoded.event_source), ("temp.read", EventSource::IotDevice));
+        assert_eq!(decoded.event_id, event_id_from_key("nats-msg-id", "order-17"));
     }
 
     #[test]
