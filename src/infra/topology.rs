@@ -1,10 +1,13 @@
 //! The JetStream topology declared in `jetstream/`: every stream and durable consumer, applied
 //! idempotently (create or update) at start-up by every binary and by `event-service setup`.
 //!
-//! Reads the JSON files built into the binary; writes stream and consumer configurations.
-//! Guarantees: replicas come from the settings (1 on a laptop, 3 on a cluster) and EVENTS and STORED
-//! keep messages for their configured max ages; nothing else differs from the files. A consumer
-//! update that collides with a stage's own (an idle consumer opening or closing) is tried again.
+//! Reads the JSON files built into the binary and each consumer's configuration; writes stream
+//! and consumer configurations. Guarantees: replicas come from the settings (1 on a laptop, 3
+//! on a cluster) and EVENTS and STORED keep messages for their configured max ages; nothing
+//! else differs from the files. A consumer carries the stamp of what was applied to it (its
+//! file and replicas, in its metadata) and is written only when that changed, so a restart
+//! leaves alone the filter an idle stage set ([`crate::stages::interest`]). A consumer update
+//! that collides with a stage's own (an idle consumer opening or closing) is tried again.
 
 use std::time::Duration;
 
@@ -35,6 +38,9 @@ const CONSUMER_FILES: &[(&str, &str)] = &[
     ("sender", include_str!("../../jetstream/consumers/sender.json")),
     ("projector", include_str!("../../jetstream/consumers/projector.json")),
 ];
+
+/// The consumer metadata key that holds the stamp of what was applied.
+const STAMP_KEY: &str = "event_service_applied";
 
 /// How often a consumer is applied before start-up fails, and the pause between attempts.
 const CONSUMER_ATTEMPTS: u32 = 5;
@@ -67,6 +73,13 @@ pub async fn apply(bus: &Bus, settings: &NatsArgs) -> Result<(), BusError> {
         let mut config = declared.config;
         config.num_replicas = settings.replicas;
         let name = config.durable_name.clone().unwrap_or_default();
+        let stamp = stamp(text, settings.replicas);
+        let current = bus.consumer_info(&declared.stream, &name).await.ok();
+        if current.is_some_and(|info| applied_already(&info.config, &stamp)) {
+            tracing::debug!(consumer = %name, stream = %declared.stream, "consumer already as declared");
+            continue;
+        }
+        config.metadata.insert(STAMP_KEY.to_owned(), stamp);
         let mut attempt = 1;
         // A stage may be changing this consumer's filter at the same moment
         // (`crate::stages::interest`); on a cluster the two updates can collide.
@@ -84,9 +97,35 @@ pub async fn apply(bus: &Bus, settings: &NatsArgs) -> Result<(), BusError> {
     Ok(())
 }
 
+/// What applying a consumer file with these replicas writes, as a short digest.
+fn stamp(file: &str, replicas: usize) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new().chain_update(file.as_bytes()).chain_update(replicas.to_be_bytes()).finalize();
+    digest[..8].iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Whether the consumer as JetStream has it was written from this stamp (by this or another
+/// process), so writing it again would change nothing but a filter a stage set since.
+fn applied_already(current: &consumer::Config, stamp: &str) -> bool {
+    current.metadata.get(STAMP_KEY).is_some_and(|applied| applied == stamp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_consumer_is_written_again_only_when_its_file_or_replicas_changed() {
+        let (file, other) = (CONSUMER_FILES[0].1, CONSUMER_FILES[1].1);
+        assert_eq!(stamp(file, 1), stamp(file, 1));
+        assert_ne!(stamp(file, 1), stamp(file, 3));
+        assert_ne!(stamp(file, 1), stamp(other, 1));
+        let mut current = consumer::Config::default();
+        assert!(!applied_already(&current, &stamp(file, 1)), "a consumer from before stamps");
+        current.metadata.insert(STAMP_KEY.to_owned(), stamp(file, 1));
+        assert!(applied_already(&current, &stamp(file, 1)));
+        assert!(!applied_already(&current, &stamp(file, 3)));
+    }
 
     #[test]
     fn topology_files_parse() {

@@ -142,6 +142,17 @@ pub struct TestApp {
     _dir: tempfile::TempDir,
 }
 
+/// The NATS settings of a test app on this server.
+fn nats_args(nats_server: &LocalNats) -> NatsArgs {
+    NatsArgs {
+        nats_url: Some(Secret::new(nats_server.url.as_str())),
+        replicas: 1,
+        events_max_age_secs: 3600,
+        stored_max_age_secs: 3600,
+        ack_timeout_ms: 2000,
+    }
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(Options::default()).await
 }
@@ -154,13 +165,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         Some(url) => url,
         None => fresh_database().await,
     };
-    let nats_args = NatsArgs {
-        nats_url: Some(Secret::new(nats_server.url.as_str())),
-        replicas: 1,
-        events_max_age_secs: 3600,
-        stored_max_age_secs: 3600,
-        ack_timeout_ms: 2000,
-    };
+    let nats_args = nats_args(&nats_server);
     let database_secret = Secret::new(database_url.clone());
     let database_args = DatabaseArgs { database_url: Some(database_secret.clone()), max_connections: 8 };
     let (bus, service_pool) = service::connect_and_set_up(
@@ -266,6 +271,13 @@ impl TestApp {
     /// The service's own NATS connection, for subscribing and serving in tests.
     pub fn bus_client(&self) -> &async_nats::Client {
         self.bus.client()
+    }
+
+    /// Applies the JetStream topology again, as every process does when it starts.
+    pub async fn apply_topology(&self) {
+        event_service::infra::topology::apply(&self.bus, &nats_args(&self.nats_server))
+            .await
+            .expect("topology applied");
     }
 
     /// Starts one more processor worker (processor stage and replayer).

@@ -557,6 +557,9 @@ async fn the_dispatcher_takes_no_events_while_no_subscription_can_take_one() {
     })
     .await
     .expect("with no subscription the dispatcher consumer idles");
+    // A process that starts applies the topology; an idle consumer stays idle.
+    app.apply_topology().await;
+    assert_eq!(dispatcher_consumer(&app).await, idle, "a restart does not reopen the consumer");
     let batch: Vec<Value> = (0..5).map(|_| json!({"event_type": "quiet.time"})).collect();
     assert_eq!(app.post("/api/v1/events/batch", &Value::Array(batch)).await.0, StatusCode::OK);
 
