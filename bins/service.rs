@@ -11,7 +11,7 @@ use event_service::infra::local::{LocalNats, LocalPostgres};
 use event_service::infra::settings::{
     CallbackArgs, Common, DispatcherArgs, GatewayArgs, PersisterArgs, ProcessorArgs, ProjectorArgs,
 };
-use event_service::infra::{db, ops, shutdown, telemetry};
+use event_service::infra::{db, memory, ops, shutdown, telemetry};
 use event_service::service;
 
 #[global_allocator]
@@ -104,6 +104,7 @@ impl Servers {
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
     let _telemetry = telemetry::init(&args.common.log.format, "event-service");
+    memory::no_huge_pages();
     let token = shutdown::on_signal();
     let data_dir = std::path::absolute(&args.data_dir)?;
     let servers = Servers::given_or_started(&args, &data_dir).await?;

@@ -20,7 +20,7 @@ use crate::infra::settings::{
     self, CallbackArgs, Common, DatabaseArgs, DispatcherArgs, GatewayArgs, Missing, NatsArgs, PersisterArgs,
     ProcessorArgs, ProjectorArgs,
 };
-use crate::infra::{ops, shutdown, telemetry, topology};
+use crate::infra::{memory, ops, shutdown, telemetry, topology};
 use crate::registry::Registry;
 use crate::registry::subscriptions::Subscriptions;
 use crate::stages::StageError;
@@ -64,6 +64,7 @@ pub struct Started {
 /// `EVENT_METRICS_ADDR` is set.
 pub async fn start(common: &Common, client_name: &str) -> Result<Started, ServiceError> {
     let telemetry = telemetry::init(&common.log.format, client_name);
+    memory::no_huge_pages();
     let token = shutdown::on_signal();
     let nats_url = settings::required(&common.nats.nats_url, "NATS_URL")?;
     let database_url = settings::required(&common.database.database_url, "DATABASE_URL")?;

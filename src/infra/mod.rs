@@ -1,5 +1,5 @@
 //! What every stage stands on: the NATS bus and its topology, the one consume loop and
-//! dead-lettering, group commit, the PostgreSQL pool, outgoing callbacks, settings, logging, shutdown, and
+//! dead-lettering, group commit, the PostgreSQL pool, outgoing callbacks, settings, logging, memory, shutdown, and
 //! the private servers of the local run and the tests.
 
 pub mod bus;
@@ -9,6 +9,7 @@ pub mod consume;
 pub mod db;
 pub mod deadletter;
 pub mod local;
+pub mod memory;
 pub mod metrics;
 pub mod ops;
 pub mod probe;

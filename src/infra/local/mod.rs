@@ -20,7 +20,8 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// The child gets SIGQUIT when the thread that started it dies. The uid change happens
-/// before this runs, since a credential change clears the setting.
+/// before this runs, since a credential change clears the setting. It also gets the
+/// system's transparent huge pages back, which [`crate::infra::memory`] turned off for us.
 pub(crate) fn die_with_parent(command: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
     unsafe {
@@ -28,6 +29,7 @@ pub(crate) fn die_with_parent(command: &mut Command) {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
             Ok(())
         });
     }
