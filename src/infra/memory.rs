@@ -3,10 +3,10 @@
 //! Reads `MIMALLOC_ALLOW_THP`; writes the process's "THP disable" flag (`prctl`).
 //! Guarantees: called at start-up, every page the allocator touches from then on is a 4 KiB
 //! page. mimalloc asks the kernel for huge pages for its arenas, and a fault on one zeroes
-//! 2 MiB at once: in the persisted bench that was 7 % of the service's CPU (kernel page
-//! zeroing under mimalloc's allocations) and a third of its peak memory (BENCHMARKS.md,
-//! "Huge pages off"). With `MIMALLOC_ALLOW_THP` set, mimalloc's own option decides, as its
-//! documentation says. The private nats-server and PostgreSQL of a local run get the
+//! 2 MiB at once: in the persisted bench 7 % of the service's samples were the kernel
+//! zeroing them, and without them its peak memory is a quarter to a third lower for the
+//! same CPU (BENCHMARKS.md, "Huge pages off"). With `MIMALLOC_ALLOW_THP` set, mimalloc's own
+//! option decides, as its documentation says. The private nats-server and PostgreSQL of a local run get the
 //! system's setting back ([`crate::infra::local`]).
 
 /// Turns transparent huge pages off for this process, unless `MIMALLOC_ALLOW_THP` is set.
