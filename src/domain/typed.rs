@@ -242,4 +242,61 @@ mod tests {
         let naive = variant(&|v| v["timestamp"] = json!("2025-12-30T10:00:00.5")).unwrap();
         assert_eq!(naive.timestamp, parse_timestamp("2025-12-30T10:00:00.5Z").unwrap());
     }
+
+    /// Every field of a whole request, alone given each of these values (absent, `null`, the
+    /// wrong type, at and past a limit, NUL, control characters, another shape): wherever the
+    /// straight way accepts, `parse_event` accepts too and builds the same event.
+    #[test]
+    fn the_straight_way_never_builds_another_event_than_parse_event() {
+        let fixed = Defaults {
+            now: Utc::now(),
+            event_source: EventSource::Backend,
+            event_category: EventCategory::UserAction,
+            event_id: Some(Uuid::now_v7()),
+            event_type: Some("from.subject".to_owned()),
+        };
+        let base = json!({
+            "event_id": Uuid::now_v7(), "event_type": "order.placed", "event_source": "frontend",
+            "event_category": "order", "user_id": "u", "session_id": "s", "organization_id": "o",
+            "device_id": "d", "correlation_id": "c", "data": {"a": [1, {"b": "x"}]}, "metadata": {},
+            "context": {"ip": "1.2.3.4"}, "properties": {"k": null}, "stream_id": "order:1",
+            "timestamp": "2025-12-30T10:00:00.1234567+02:00", "created_at": "2025-12-30T10:00:01Z"
+        });
+        let values = [
+            Value::Null,
+            json!(7),
+            json!(""),
+            json!(" "),
+            json!("x".repeat(255)),
+            json!("x".repeat(256)),
+            json!("a\u{0}b"),
+            json!("a\nb"),
+            json!("order:2"),
+            json!("nocolon"),
+            json!("2025-12-30T10:00:00"),
+            json!("backend"),
+            json!("unknown"),
+            json!({"deep": ["a\u{0}"]}),
+            json!({"fine": true}),
+            json!([1]),
+        ];
+        let names: Vec<String> = base.as_object().unwrap().keys().cloned().collect();
+        let mut straight = 0;
+        for name in &names {
+            for value in values.iter().map(Some).chain([None]) {
+                let mut request = base.clone();
+                match value {
+                    Some(value) => request[name.as_str()] = value.clone(),
+                    None => drop(request.as_object_mut().unwrap().remove(name.as_str())),
+                }
+                let text = serde_json::to_vec(&request).unwrap();
+                if let Some(event) = parse_typed(&text, || fixed.clone()) {
+                    straight += 1;
+                    let parsed = parse_event(request.clone(), &fixed);
+                    assert_eq!(parsed.as_ref().ok(), Some(&event), "{request}");
+                }
+            }
+        }
+        assert!(straight > names.len() * 3, "most variations of a whole request go the straight way: {straight}");
+    }
 }
