@@ -58,6 +58,14 @@ impl Idler {
             Idler::Processor => processors::list(conn).await?.iter().any(|processor| processor.enabled),
         })
     }
+
+    /// Tells every process to reload the table this stage serves.
+    async fn announce(self, bus: &Bus) {
+        match self {
+            Idler::Dispatcher => registry::announce_change::<Subscriptions>(bus).await,
+            Idler::Processor => registry::announce_change::<Processors>(bus).await,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,10 +140,7 @@ pub async fn changed(idler: Idler, bus: &Bus, pool: &PgPool) {
         tracing::warn!(consumer = idler.consumer(), error = %error,
             "cannot set the consumer's filter; the stages set it when they reload");
     }
-    match idler {
-        Idler::Dispatcher => registry::announce_change::<Subscriptions>(bus).await,
-        Idler::Processor => registry::announce_change::<Processors>(bus).await,
-    }
+    idler.announce(bus).await;
 }
 
 /// Follows at start and after every reload of `registry`, until cancelled. A failure is

@@ -91,10 +91,15 @@ impl ProcessorStage {
     pub async fn run(self, token: CancellationToken) -> Result<(), StageError> {
         tracing::info!(stage = STAGE, "processor running");
         let registry = self.handler.engine.registry.clone();
-        let (bus, pool) = (self.handler.bus.clone(), self.handler.pool.clone());
-        let follow =
-            tokio::spawn(interest::follow_reloads(Idler::Processor, bus, pool, registry.clone(), token.clone()));
-        let watch = tokio::spawn(registry.watch(self.handler.bus.clone(), token.clone()));
+        let (bus, pool) = (&self.handler.bus, &self.handler.pool);
+        let follow = tokio::spawn(interest::follow_reloads(
+            Idler::Processor,
+            bus.clone(),
+            pool.clone(),
+            registry.clone(),
+            token.clone(),
+        ));
+        let watch = tokio::spawn(registry.watch(bus.clone(), token.clone()));
         let result = self.consume.run(&self.handler, token).await;
         watch.abort();
         follow.abort();
